@@ -1,0 +1,68 @@
+"""A cache layer holding a compressed prompt: per-head slots that remember their prompt positions."""
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+
+class CompressedLayer(DynamicLayer):
+    """Keys/values (batch, cache_heads, slots, head_dim) of the kept prompt positions, then decoded tokens.
+
+    `positions` (batch, cache_heads, kept) are the input positions of the kept slots (-1 where a
+    row had fewer real tokens than the budget: such slots are masked). The layer reports its
+    *logical* length (prompt + appended tokens), so transformers keeps giving new tokens the right
+    rotary positions; the attention hook builds the mask for the physical slots.
+    """
+
+    def __init__(self, keys, values, positions, prompt_length: int, groups: int):
+        super().__init__()
+        self.keys, self.values = keys, values
+        self.device = keys.device
+        self.is_initialized = True
+        self.positions = positions
+        self.prompt_length = prompt_length
+        self.groups = groups  # kv heads repeated per cache head on update (gqa="expand"), else 1
+        self.appended = keys.shape[-2] - positions.shape[-1]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.groups > 1:
+            key_states = key_states.repeat_interleave(self.groups, dim=1)
+            value_states = value_states.repeat_interleave(self.groups, dim=1)
+        self.appended += key_states.shape[-2]
+        return super().update(key_states, value_states)
+
+    def get_seq_length(self) -> int:
+        return self.prompt_length + self.appended
+
+    def get_mask_sizes(self, query) -> tuple[int, int]:
+        # transformers 5.2 passes cache_position (a tensor), later releases the query length
+        query_length = query.shape[0] if isinstance(query, torch.Tensor) else int(query)
+        return self.get_seq_length() + query_length, 0
+
+    def slot_positions(self) -> torch.Tensor:
+        """(batch, cache_heads, slots): the input position of every slot, -1 for masked slots."""
+        b, h, _ = self.positions.shape
+        start = self.prompt_length
+        tail = torch.arange(start, start + self.appended, device=self.positions.device).expand(b, h, -1)
+        return torch.cat([self.positions, tail], dim=-1)
+
+    def attention_mask(self, query_length: int, query_heads: int) -> torch.Tensor | None:
+        """Boolean mask (batch, query_heads, query_length, slots) for the newest `query_length` tokens, or None."""
+        valid = self.slot_positions() >= 0
+        slots = valid.shape[-1]
+        if query_length == 1 and bool(valid.all()):
+            return None
+        rows = torch.arange(slots - query_length, slots, device=valid.device)[:, None]
+        causal = torch.arange(slots, device=valid.device)[None, :] <= rows
+        mask = valid[:, :, None, :] & causal
+        return mask.repeat_interleave(query_heads // mask.shape[1], dim=1)
+
+    def crop(self, *args, **kwargs):
+        raise NotImplementedError("a compressed cache layer cannot be cropped (assisted decoding is unsupported)")
+
+    def batch_select_indices(self, indices):
+        super().batch_select_indices(indices)
+        self.positions = self.positions[indices]
+
+    def batch_repeat_interleave(self, repeats: int):
+        super().batch_repeat_interleave(repeats)
+        self.positions = self.positions.repeat_interleave(repeats, dim=0)

@@ -1,0 +1,85 @@
+"""The one integration point: an attention function registered with transformers' AttentionInterface.
+
+It runs the stock SDPA kernel and shows every call to the active taps (compression, recording),
+held in a ContextVar. A tap may swap the keys/values/mask before the kernel (the compressor does on
+the first decoding step) and reads the call after it.
+"""
+
+import contextvars
+from dataclasses import dataclass, replace
+from types import SimpleNamespace
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+ATTN_IMPLEMENTATION = "snapkv"
+ACTIVE_TAPS: contextvars.ContextVar[tuple] = contextvars.ContextVar("snapkv_taps", default=())
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """One layer's attention call, as the kernel saw it.
+
+    query (batch, heads, q, head_dim) post-RoPE; key/value (batch, cache_heads, slots, head_dim);
+    mask: what SDPA got (None, or bool/additive broadcastable to (batch, heads, q, slots));
+    past_length: tokens (logical, padding included) before this call; slot_positions
+    (batch, cache_heads, slots) input position of each slot (-1: masked), None when slot i is position i.
+    """
+
+    module: torch.nn.Module
+    layer: int
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    mask: torch.Tensor | None
+    scaling: float
+    sliding: bool
+    past_length: int
+    slot_positions: torch.Tensor | None = None
+
+    @property
+    def query_length(self) -> int:
+        return self.query.shape[-2]
+
+    def padding_mask(self) -> torch.Tensor | None:
+        """(batch, slots) bool, real tokens as seen by the last query row; None when nothing is masked."""
+        return key_padding_mask(self.mask, self.key.shape[-2])
+
+    def with_kv(self, **changes) -> "AttentionCall":
+        return replace(self, **changes)
+
+
+def key_padding_mask(mask: torch.Tensor | None, slots: int) -> torch.Tensor | None:
+    """Keys visible to the last query row of a 4-D mask, as (batch, slots) bool; None if no mask."""
+    if mask is None:
+        return None
+    last_row = mask[:, 0, -1, -slots:]
+    return last_row if last_row.dtype == torch.bool else last_row == 0
+
+
+def snapkv_attention(module, query, key, value, attention_mask, **kwargs):
+    taps = ACTIVE_TAPS.get()
+    if not taps:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+    sliding = bool(kwargs.get("sliding_window") or getattr(module, "sliding_window", None))
+    call = AttentionCall(
+        module=module, layer=module.layer_idx, query=query, key=key, value=value, mask=attention_mask,
+        scaling=scaling, sliding=sliding, past_length=key.shape[-2] - query.shape[-2],
+    )
+    for tap in taps:
+        call = tap.before_attention(call)
+    kernel_module = module
+    if call.key.shape[1] == query.shape[1] and getattr(module, "num_key_value_groups", 1) > 1:
+        # gqa="expand": the cache already holds one head per query head
+        kernel_module = SimpleNamespace(num_key_value_groups=1, is_causal=getattr(module, "is_causal", True))
+    out, weights = sdpa_attention_forward(kernel_module, query, call.key, call.value, call.mask, **kwargs)
+    for tap in taps:
+        tap.after_attention(call)
+    return out, weights
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, snapkv_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, sdpa_mask)

@@ -1,0 +1,209 @@
+"""Pure tensor functions: which prompt positions each head keeps.
+
+Shapes follow transformers: queries (batch, heads, positions, head_dim), keys
+(batch, kv_heads, positions, head_dim), post-RoPE. Scores are computed in float32
+whatever the model dtype. Nothing here builds an n x n matrix: SnapKV looks at the
+last `window_size` queries only (window x n), H2O walks the prompt in row blocks.
+"""
+
+
+import torch
+import torch.nn.functional as F
+
+POOLINGS = ("maxpool", "avgpool", "none")
+GQA_MODES = ("mean", "max", "expand")
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(batch, kv_heads, n, d) -> (batch, kv_heads * groups, n, d), each kv head repeated `groups` times."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def observation_attention(
+    query_window: torch.Tensor,
+    keys: torch.Tensor,
+    *,
+    scaling: float | None = None,
+    padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention probabilities of the last `window` prompt tokens over the whole prompt.
+
+    query_window: (batch, heads, window, head_dim), the queries of prompt positions n-window .. n-1.
+    keys: (batch, kv_heads, n, head_dim). padding_mask: (batch, n) bool, True for real tokens.
+    Returns float32 (batch, heads, window, n): softmax(q k^T * scaling), causal inside the window,
+    padding columns zero. These are the probabilities SnapKV votes with and the recorder stores.
+    """
+    batch, heads, window, head_dim = query_window.shape
+    n = keys.shape[-2]
+    scaling = head_dim**-0.5 if scaling is None else scaling
+    k = repeat_kv(keys.float(), heads // keys.shape[1])
+    logits = torch.matmul(query_window.float(), k.transpose(2, 3)) * scaling
+    row_pos = torch.arange(n - window, n, device=keys.device)[:, None]
+    visible = torch.arange(n, device=keys.device)[None, :] <= row_pos  # (window, n), causal
+    visible = visible[None, None]
+    if padding_mask is not None:
+        visible = visible & padding_mask[:, None, None, :].bool()
+    logits = logits.masked_fill(~visible, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def pool_scores(scores: torch.Tensor, kernel_size: int, pooling: str) -> torch.Tensor:
+    """1-D pooling along positions, stride 1, padding kernel_size // 2 (Algorithm 1, step 4).
+
+    scores: (batch, heads, positions) -> same shape.
+    """
+    if pooling == "none" or kernel_size == 1:
+        return scores
+    b, h, n = scores.shape
+    flat = scores.reshape(b * h, 1, n)
+    if pooling == "maxpool":
+        pooled = F.max_pool1d(flat, kernel_size=kernel_size, padding=kernel_size // 2, stride=1)
+    elif pooling == "avgpool":
+        pooled = F.avg_pool1d(flat, kernel_size=kernel_size, padding=kernel_size // 2, stride=1)
+    else:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    return pooled.reshape(b, h, n)
+
+
+def aggregate_gqa(scores: torch.Tensor, kv_heads: int, gqa: str) -> torch.Tensor:
+    """Scores per query head (batch, heads, n) -> per cache head.
+
+    "expand": one cache head per query head (the authors' code); "mean"/"max": reduce each
+    group of query heads sharing a kv head, so the cache keeps kv_heads heads.
+    """
+    if gqa == "expand":
+        return scores
+    b, h, n = scores.shape
+    grouped = scores.reshape(b, kv_heads, h // kv_heads, n)
+    if gqa == "mean":
+        return grouped.mean(dim=2)
+    if gqa == "max":
+        return grouped.amax(dim=2)
+    raise ValueError(f"gqa must be one of {GQA_MODES}, got {gqa!r}")
+
+
+def top_positions(scores: torch.Tensor, k: int, tail: int) -> torch.Tensor:
+    """Keep the top-k prefix positions by score plus the last `tail` positions, ascending.
+
+    scores: (batch, cache_heads, n - tail) over the prefix. Returns long (batch, cache_heads, k + tail).
+    """
+    b, h, prefix = scores.shape
+    top = scores.topk(k, dim=-1).indices
+    window = torch.arange(prefix, prefix + tail, device=scores.device).expand(b, h, tail)
+    return torch.cat([top, window], dim=-1).sort(dim=-1).values
+
+
+def select_per_row(select_row, padding_mask: torch.Tensor, budget: int) -> torch.Tensor:
+    """Select on each row's real tokens alone, so a padded batch keeps what its rows keep alone.
+
+    select_row(row, real) -> long (cache_heads, k) indices into `real` (the row's real positions).
+    padding_mask: (batch, n) bool. Returns long (batch, cache_heads, min(n, budget)) input positions,
+    ascending; a row with fewer real tokens than the budget keeps them all and fills the front with -1.
+    """
+    width = min(padding_mask.shape[-1], budget)
+    rows = []
+    for row, mask in enumerate(padding_mask):
+        real = mask.nonzero().squeeze(-1)
+        kept = real[select_row(row, real)]
+        rows.append(F.pad(kept, (width - kept.shape[-1], 0), value=-1))
+    return torch.stack(rows)
+
+
+def snapkv_scores(
+    query_window: torch.Tensor,
+    keys: torch.Tensor,
+    *,
+    kernel_size: int,
+    pooling: str,
+    gqa: str = "mean",
+    scaling: float | None = None,
+) -> torch.Tensor:
+    """Votes of the observation window for every prefix position, per cache head.
+
+    Returns float32 (batch, cache_heads, n - window): summed window attention (step 3),
+    pooled (step 4), aggregated over GQA groups.
+    """
+    window = query_window.shape[-2]
+    probs = observation_attention(query_window, keys, scaling=scaling)
+    votes = probs[..., :-window].sum(dim=-2)
+    return aggregate_gqa(pool_scores(votes, kernel_size, pooling), keys.shape[1], gqa)
+
+
+def select_positions(
+    query_window: torch.Tensor,
+    keys: torch.Tensor,
+    *,
+    window_size: int,
+    max_capacity_prompt: int,
+    kernel_size: int,
+    pooling: str,
+    gqa: str = "mean",
+    scaling: float | None = None,
+    padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SnapKV's Algorithm 1: the prompt positions each cache head keeps.
+
+    query_window: (batch, heads, window_size, head_dim) post-RoPE queries of the last prompt tokens.
+    keys: (batch, kv_heads, n, head_dim) post-RoPE keys of the whole prompt.
+    Returns long (batch, cache_heads, min(n, max_capacity_prompt)), ascending, the window included;
+    cache_heads is `heads` for gqa="expand", else `kv_heads`. With a padding_mask (batch, n) each row
+    is selected on its real tokens alone; a row shorter than the budget marks unused slots -1.
+    """
+    if query_window.shape[-2] != window_size:
+        raise ValueError(f"query_window holds {query_window.shape[-2]} queries, expected window_size={window_size}")
+    batch, heads = query_window.shape[:2]
+    n = keys.shape[-2]
+    cache_heads = heads if gqa == "expand" else keys.shape[1]
+    settings = dict(window_size=window_size, max_capacity_prompt=max_capacity_prompt, kernel_size=kernel_size,
+                    pooling=pooling, gqa=gqa, scaling=scaling)
+    if padding_mask is not None and not bool(padding_mask.all()):
+        return select_per_row(
+            lambda row, real: select_positions(query_window[row : row + 1], keys[row : row + 1, :, real],
+                                               **settings)[0],
+            padding_mask, max_capacity_prompt,
+        )
+    if n <= max_capacity_prompt:
+        return torch.arange(n, device=keys.device).expand(batch, cache_heads, n)
+    scores = snapkv_scores(
+        query_window, keys, kernel_size=kernel_size, pooling=pooling, gqa=gqa, scaling=scaling,
+    )
+    return top_positions(scores, max_capacity_prompt - window_size, window_size)
+
+
+def accumulated_attention(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    *,
+    scaling: float | None = None,
+    padding_mask: torch.Tensor | None = None,
+    block_size: int = 256,
+) -> torch.Tensor:
+    """H2O's heavy-hitter score: attention each key receives, summed over causal queries.
+
+    queries: (batch, heads, q, head_dim) are the LAST q of the n positions in `keys`
+    (batch, kv_heads, n, head_dim). Works on `block_size` query rows at a time, so memory is
+    block_size x n, never n x n. Returns float32 (batch, heads, n).
+    """
+    batch, heads, q, head_dim = queries.shape
+    n = keys.shape[-2]
+    scaling = head_dim**-0.5 if scaling is None else scaling
+    k = repeat_kv(keys.float(), heads // keys.shape[1]).transpose(2, 3)
+    columns = torch.arange(n, device=keys.device)
+    total = torch.zeros(batch, heads, n, dtype=torch.float32, device=keys.device)
+    for start in range(0, q, block_size):
+        rows = queries[:, :, start : start + block_size].float()
+        row_pos = torch.arange(start, start + rows.shape[2], device=keys.device) + (n - q)
+        visible = (columns[None, :] <= row_pos[:, None])[None, None]
+        if padding_mask is not None:
+            visible = visible & padding_mask[:, None, None, :].bool()
+        logits = (torch.matmul(rows, k) * scaling).masked_fill(~visible, float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows of padding queries see nothing
+        if padding_mask is not None:
+            probs = probs * padding_mask[:, None, n - q + start : n - q + start + rows.shape[2], None]
+        total += probs.sum(dim=2)
+    return total
+
+
+def streaming_positions(n: int, budget: int, sink_size: int) -> torch.Tensor:
+    """StreamingLLM: the first `sink_size` positions (attention sinks) and the most recent ones. (budget,)."""
+    return torch.cat([torch.arange(sink_size), torch.arange(n - (budget - sink_size), n)])

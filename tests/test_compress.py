@@ -1,0 +1,220 @@
+"""Exactness contracts of the compression engine, on tiny random decoders of every supported family."""
+
+import pytest
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+import snapkv
+from tiny_models import FAMILIES, tiny_model
+
+PROMPT = 60
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def model(request):
+    return tiny_model(request.param)
+
+
+def prompt_ids(batch=2, length=PROMPT, seed=0):
+    return torch.randint(1, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def greedy(model, ids, steps=6, **kwargs):
+    out = model.generate(ids, max_new_tokens=steps, do_sample=False, output_scores=True,
+                         return_dict_in_generate=True, **kwargs)
+    return out.sequences, torch.stack(out.scores, dim=1)
+
+
+def test_budget_covering_prompt_changes_nothing(model):
+    ids = prompt_ids()
+    tokens, logits = greedy(model, ids)
+    for budget in (PROMPT, PROMPT + 50):
+        with snapkv.compress(model, snapkv.SnapKV(window_size=8, max_capacity_prompt=budget, kernel_size=3)):
+            tokens_c, logits_c = greedy(model, ids)
+        assert torch.equal(tokens, tokens_c)
+        assert torch.allclose(logits, logits_c, atol=1e-5, rtol=0)
+    assert model.config._attn_implementation == "sdpa"
+
+
+# -- contract 2: compressed decoding == full-cache decoding with evicted positions masked out -----------
+VISIBLE: dict[int, torch.Tensor] = {}  # layer -> (batch, heads, n) bool, prompt positions a query head may see
+
+
+def masked_reference_attention(module, query, key, value, attention_mask, **kwargs):
+    visible = VISIBLE.get(module.layer_idx)
+    if visible is None or query.shape[-2] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    slots = key.shape[-2]
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    allowed = torch.ones(query.shape[0], query.shape[1], 1, slots, dtype=torch.bool)
+    allowed[..., : visible.shape[-1]] = visible[:, :, None, :]
+    logits = (query @ key.transpose(2, 3)) * kwargs["scaling"]
+    probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
+    return (probs @ value).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("masked_reference", masked_reference_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register("masked_reference", sdpa_mask)
+
+
+@pytest.mark.parametrize("policy", [
+    snapkv.SnapKV(window_size=8, max_capacity_prompt=24, kernel_size=3, gqa="mean"),
+    snapkv.SnapKV(window_size=8, max_capacity_prompt=24, kernel_size=5, pooling="avgpool", gqa="expand"),
+    snapkv.SnapKV(window_size=8, max_capacity_prompt=(20, 30, 40), kernel_size=3, gqa="max"),
+    snapkv.StreamingLLM(max_capacity_prompt=20),
+    snapkv.RandomEviction(max_capacity_prompt=20, window_size=8),
+    snapkv.H2O(max_capacity_prompt=20, window_size=8),
+], ids=["snapkv-mean", "snapkv-expand-avg", "snapkv-per-layer-max", "streaming", "random", "h2o"])
+def test_compressed_decoding_equals_masked_full_cache(model, policy):
+    ids = prompt_ids()
+    with snapkv.compress(model, policy) as session:
+        tokens, logits = greedy(model, ids)
+    heads = model.config.num_attention_heads
+    VISIBLE.clear()
+    for layer, kept in session.kept_positions.items():
+        assert torch.equal(kept, kept.sort(-1).values)
+        visible = torch.zeros(kept.shape[0], kept.shape[1], PROMPT, dtype=torch.bool)
+        visible.scatter_(2, kept, True)
+        VISIBLE[layer] = visible.repeat_interleave(heads // kept.shape[1], dim=1)
+    assert session.kept_positions, "nothing was compressed"
+    model.set_attn_implementation("masked_reference")
+    try:
+        out = model(tokens[:, :PROMPT], use_cache=True)
+        cache, rows = out.past_key_values, [out.logits[:, -1]]
+        for i in range(tokens.shape[1] - PROMPT - 1):
+            out = model(tokens[:, PROMPT + i : PROMPT + i + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            rows.append(out.logits[:, -1])
+    finally:
+        model.set_attn_implementation("sdpa")
+        VISIBLE.clear()
+    assert torch.allclose(torch.stack(rows, 1), logits, atol=1e-4, rtol=0)
+
+
+SNAP = snapkv.SnapKV(window_size=8, max_capacity_prompt=24, kernel_size=3)
+
+
+def test_left_padded_batch_equals_rows_alone(model):
+    lengths = (60, 45, 20)  # the last row is shorter than the budget: kept whole, nothing else
+    rows = [prompt_ids(1, n, seed=n) for n in lengths]
+    width = max(lengths)
+    ids = torch.cat([torch.cat([torch.zeros(1, width - r.shape[1], dtype=torch.long), r], 1) for r in rows])
+    mask = torch.cat([torch.cat([torch.zeros(1, width - r.shape[1], dtype=torch.long),
+                                 torch.ones_like(r)], 1) for r in rows])
+    with snapkv.compress(model, SNAP) as session:
+        batched, batched_logits = greedy(model, ids, attention_mask=mask)
+        batched_kept = dict(session.kept_positions)
+    for i, row in enumerate(rows):
+        with snapkv.compress(model, SNAP) as session:
+            alone, alone_logits = greedy(model, row)
+        assert torch.equal(batched[i, width:], alone[0, row.shape[1]:])
+        assert torch.allclose(batched_logits[i], alone_logits[0], atol=1e-4, rtol=0)
+        for layer, kept in batched_kept.items():
+            real = kept[i][kept[i] >= 0].view(kept.shape[1], -1)
+            assert torch.equal(real, session.kept_positions[layer][0])
+
+
+def test_no_state_leaks_between_calls_or_after_the_block(model):
+    first, second = prompt_ids(1, 60, seed=1), prompt_ids(1, 50, seed=2)
+    with snapkv.compress(model, SNAP) as session:
+        greedy(model, first)
+        tokens_second, _ = greedy(model, second)
+        kept_second = dict(session.kept_positions)
+    with snapkv.compress(model, SNAP) as fresh:
+        tokens_fresh, _ = greedy(model, second)
+    assert torch.equal(tokens_second, tokens_fresh)
+    assert kept_second.keys() == fresh.kept_positions.keys()
+    for layer in kept_second:
+        assert torch.equal(kept_second[layer], fresh.kept_positions[layer])
+    plain, plain_logits = greedy(model, first)
+    assert model.config._attn_implementation == "sdpa"
+    cache = model(first, use_cache=True).past_key_values
+    assert cache.get_seq_length() == 60 and all(layer.keys.shape[-2] <= 60 for layer in cache.layers)
+
+
+def test_chunked_prefill_gives_the_same_result(model):
+    ids = prompt_ids()
+    if not torch.equal(greedy(model, ids)[0], greedy(model, ids, prefill_chunk_size=16)[0]):
+        pytest.skip("this transformers release's own chunked prefill changes the output (seen in 5.2)")
+    with snapkv.compress(model, SNAP) as whole:
+        tokens, logits = greedy(model, ids)
+    with snapkv.compress(model, SNAP, prefill_chunk_size=16) as chunked:
+        tokens_c, logits_c = greedy(model, ids)
+    assert torch.equal(tokens, tokens_c)
+    assert torch.allclose(logits, logits_c, atol=1e-4, rtol=0)
+    for layer in whole.kept_positions:
+        assert torch.equal(whole.kept_positions[layer], chunked.kept_positions[layer])
+
+
+def test_sampling_under_compression_is_reproducible(model):
+    ids = prompt_ids()
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        with snapkv.compress(model, SNAP):
+            runs.append(model.generate(ids, max_new_tokens=6, do_sample=True, top_k=20))
+    assert runs[0].shape == (2, PROMPT + 6) and torch.equal(runs[0], runs[1])
+
+
+def test_manual_forward_loop_compresses_at_first_decoding_step(model):
+    ids = prompt_ids(1)
+    with snapkv.compress(model, SNAP) as session:
+        tokens, logits = greedy(model, ids, steps=3)
+        out = model(ids, use_cache=True)
+        cache = out.past_key_values
+        manual = [out.logits[:, -1]]
+        for step in range(2):
+            out = model(tokens[:, PROMPT + step : PROMPT + step + 1], past_key_values=cache, use_cache=True)
+            manual.append(out.logits[:, -1])
+    assert torch.allclose(torch.stack(manual, 1), logits, atol=1e-4, rtol=0)
+    assert cache.get_seq_length() == PROMPT + 2  # logical length: rotary positions continue correctly
+    assert all(layer.keys.shape[-2] == 24 + 2 for layer, sliding in zip(cache.layers, cache.is_sliding)
+               if not sliding)
+
+
+def test_unsupported_attention_raises_instead_of_silently_not_compressing():
+    model = tiny_model("llama")
+    with pytest.raises(RuntimeError, match="no attention call"):
+        with snapkv.compress(model, SNAP):
+            model.config._attn_implementation = "eager"  # as if the model ignored the interface
+            model.generate(prompt_ids(), max_new_tokens=2, do_sample=False)
+    model.set_attn_implementation("sdpa")
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(window_size=32, max_capacity_prompt=16), ValueError, r"max_capacity_prompt \(16\) must exceed"),
+    (dict(window_size=32, max_capacity_prompt=32), ValueError, "must exceed window_size"),
+    (dict(kernel_size=4), ValueError, "kernel_size must be odd"),
+    (dict(kernel_size=0), ValueError, "kernel_size must be >= 1"),
+    (dict(pooling="median"), ValueError, "pooling must be one of"),
+    (dict(gqa="sum"), ValueError, "gqa must be one of"),
+    (dict(max_capacity_prompt=1024.0), TypeError, "max_capacity_prompt must be an int"),
+    (dict(max_capacity_prompt=[512, 256.5]), TypeError, "max_capacity_prompt must be an int"),
+    (dict(window_size="32"), TypeError, "window_size must be an int"),
+])
+def test_bad_policy_settings_are_rejected(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        snapkv.SnapKV(**kwargs)
+
+
+def test_bad_session_input_fails_before_any_model_work():
+    model = tiny_model("llama")
+    calls = []
+    model.model.embed_tokens.register_forward_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match="the prompt has 6 tokens but window_size is 8"):
+        with snapkv.compress(model, SNAP):
+            model.generate(prompt_ids(1, 6), max_new_tokens=2)
+    with pytest.raises(ValueError, match="lists 2 budgets but the model has 3 layers"):
+        with snapkv.compress(model, snapkv.SnapKV(window_size=8, max_capacity_prompt=[20, 30])):
+            pass
+    with pytest.raises(TypeError, match="policy must be a snapkv policy"):
+        with snapkv.compress(model, "snapkv"):
+            pass
+    with pytest.raises(ValueError, match="prefill_chunk_size"):
+        with snapkv.compress(model, SNAP, prefill_chunk_size=4):
+            pass
+    assert calls == []
+    assert model.config._attn_implementation == "sdpa"

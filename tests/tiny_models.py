@@ -1,0 +1,40 @@
+"""Tiny randomly initialised decoders built in code (no hub): one per attention family we support."""
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen3Config,
+)
+
+COMMON = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+)
+
+
+def tiny_config(family: str):
+    if family == "llama":
+        return LlamaConfig(**COMMON)
+    if family == "qwen3":  # QK-norm
+        return Qwen3Config(**COMMON, head_dim=16)
+    if family == "mistral":
+        return MistralConfig(**COMMON, sliding_window=None)
+    if family == "gemma3":  # local sliding layers + global layers
+        return Gemma3TextConfig(
+            **COMMON, head_dim=16, sliding_window=16,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        )
+    raise ValueError(family)
+
+
+FAMILIES = ("llama", "qwen3", "mistral", "gemma3")
+
+
+def tiny_model(family: str = "llama", seed: int = 0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation="sdpa", dtype=torch.float32)
+    model.generation_config.pad_token_id = 0
+    return model.eval()
