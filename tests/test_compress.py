@@ -2,11 +2,9 @@
 
 import pytest
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 import snapkv
+from reference import masked_decode_logits
 from tiny_models import FAMILIES, tiny_model
 
 PROMPT = 60
@@ -39,25 +37,6 @@ def test_budget_covering_prompt_changes_nothing(model):
 
 
 # -- contract 2: compressed decoding == full-cache decoding with evicted positions masked out -----------
-VISIBLE: dict[int, torch.Tensor] = {}  # layer -> (batch, heads, n) bool, prompt positions a query head may see
-
-
-def masked_reference_attention(module, query, key, value, attention_mask, **kwargs):
-    visible = VISIBLE.get(module.layer_idx)
-    if visible is None or query.shape[-2] != 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    slots = key.shape[-2]
-    groups = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
-    allowed = torch.ones(query.shape[0], query.shape[1], 1, slots, dtype=torch.bool)
-    allowed[..., : visible.shape[-1]] = visible[:, :, None, :]
-    logits = (query @ key.transpose(2, 3)) * kwargs["scaling"]
-    probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
-    return (probs @ value).transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register("masked_reference", masked_reference_attention)
-ALL_MASK_ATTENTION_FUNCTIONS.register("masked_reference", sdpa_mask)
 
 
 @pytest.mark.parametrize("policy", [
@@ -72,26 +51,9 @@ def test_compressed_decoding_equals_masked_full_cache(model, policy):
     ids = prompt_ids()
     with snapkv.compress(model, policy) as session:
         tokens, logits = greedy(model, ids)
-    heads = model.config.num_attention_heads
-    VISIBLE.clear()
-    for layer, kept in session.kept_positions.items():
-        assert torch.equal(kept, kept.sort(-1).values)
-        visible = torch.zeros(kept.shape[0], kept.shape[1], PROMPT, dtype=torch.bool)
-        visible.scatter_(2, kept, True)
-        VISIBLE[layer] = visible.repeat_interleave(heads // kept.shape[1], dim=1)
     assert session.kept_positions, "nothing was compressed"
-    model.set_attn_implementation("masked_reference")
-    try:
-        out = model(tokens[:, :PROMPT], use_cache=True)
-        cache, rows = out.past_key_values, [out.logits[:, -1]]
-        for i in range(tokens.shape[1] - PROMPT - 1):
-            out = model(tokens[:, PROMPT + i : PROMPT + i + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            rows.append(out.logits[:, -1])
-    finally:
-        model.set_attn_implementation("sdpa")
-        VISIBLE.clear()
-    assert torch.allclose(torch.stack(rows, 1), logits, atol=1e-4, rtol=0)
+    reference = masked_decode_logits(model, tokens, PROMPT, session.kept_positions)
+    assert torch.allclose(reference, logits, atol=1e-4, rtol=0)
 
 
 SNAP = snapkv.SnapKV(window_size=8, max_capacity_prompt=24, kernel_size=3)

@@ -22,6 +22,7 @@ class CompressedLayer(DynamicLayer):
         self.prompt_length = prompt_length
         self.groups = groups  # kv heads repeated per cache head on update (gqa="expand"), else 1
         self.appended = keys.shape[-2] - positions.shape[-1]
+        self.all_valid = bool((positions >= 0).all())  # decoded tokens are always valid
 
     def update(self, key_states, value_states, *args, **kwargs):
         if self.groups > 1:
@@ -47,10 +48,10 @@ class CompressedLayer(DynamicLayer):
 
     def attention_mask(self, query_length: int, query_heads: int) -> torch.Tensor | None:
         """Boolean mask (batch, query_heads, query_length, slots) for the newest `query_length` tokens, or None."""
+        if query_length == 1 and self.all_valid:
+            return None
         valid = self.slot_positions() >= 0
         slots = valid.shape[-1]
-        if query_length == 1 and bool(valid.all()):
-            return None
         rows = torch.arange(slots - query_length, slots, device=valid.device)[:, None]
         causal = torch.arange(slots, device=valid.device)[None, :] <= rows
         mask = valid[:, :, None, :] & causal
