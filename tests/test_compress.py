@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
-import snapkv
 from reference import masked_decode_logits
 from tiny_models import FAMILIES, tiny_model
+
+import snapkv
 
 PROMPT = 60
 
@@ -123,7 +123,7 @@ def test_sampling_under_compression_is_reproducible(model):
 
 def test_manual_forward_loop_compresses_at_first_decoding_step(model):
     ids = prompt_ids(1)
-    with snapkv.compress(model, SNAP) as session:
+    with snapkv.compress(model, SNAP):
         tokens, logits = greedy(model, ids, steps=3)
         out = model(ids, use_cache=True)
         cache = out.past_key_values

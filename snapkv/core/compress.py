@@ -16,7 +16,7 @@ import torch
 
 from snapkv.core.cache import CompressedLayer
 from snapkv.core.hook import ACTIVE_TAPS, ATTN_IMPLEMENTATION, AttentionCall
-from snapkv.core.policies import FullCache, Policy, PrefillView, accumulate
+from snapkv.core.policies import Policy, PrefillView, accumulate
 
 
 @dataclass
@@ -191,7 +191,7 @@ def attach(model, tap, hooks_on_forward: bool = True):
 
 
 @contextlib.contextmanager
-def compress(model, policy: Policy = FullCache(), *, prefill_chunk_size: int | None = None):
+def compress(model, policy: Policy, *, prefill_chunk_size: int | None = None):
     """Compress every prompt the model prefills inside the block with `policy`.
 
     prefill_chunk_size: prefill `generate` prompts in chunks of this many tokens (transformers'

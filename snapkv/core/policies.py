@@ -13,8 +13,8 @@ from snapkv.core.selection import (
     GQA_MODES,
     POOLINGS,
     accumulated_attention,
-    select_positions,
     select_per_row,
+    select_positions,
     streaming_positions,
     top_positions,
 )

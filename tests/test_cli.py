@@ -1,0 +1,90 @@
+import json
+import sys
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_notebook
+
+from snapkv import cli
+from snapkv.analysis.notebooks import run_notebooks
+
+
+def write_notebook(path, *sources):
+    cells = [new_code_cell("quick = False\nreports_dir = '.'", metadata={"tags": ["parameters"]})]
+    cells += [new_code_cell(source) for source in sources]
+    kernelspec = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(new_notebook(cells=cells, metadata={"kernelspec": kernelspec}), path)
+
+
+RECORD_WHAT_THE_KERNEL_SEES = """
+import json, sys
+from pathlib import Path
+figures = Path(reports_dir) / "figures"
+figures.mkdir(parents=True, exist_ok=True)
+seen = {"quick": quick, "python": sys.executable, "cwd": str(Path.cwd())}
+(figures / "seen.json").write_text(json.dumps(seen))
+"""
+PASSING = (RECORD_WHAT_THE_KERNEL_SEES, "print('hello from the notebook')")
+
+
+@pytest.fixture
+def notebook_dir(tmp_path):
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    return folder
+
+
+def test_run_notebooks_executes_and_exports_html(notebook_dir, tmp_path):
+    write_notebook(notebook_dir / "01_ok.ipynb", *PASSING)
+    out = tmp_path / "reports"
+    runs = run_notebooks(notebook_dir, out, quick=True)
+    assert runs.notebook.tolist() == ["01_ok.ipynb"] and runs.status.tolist() == ["ok"]
+    assert "hello from the notebook" in (out / "01_ok.html").read_text()
+    assert "hello from the notebook" in (out / "01_ok.ipynb").read_text()
+    seen = json.loads((out / "figures" / "seen.json").read_text())
+    assert seen == {"quick": True, "python": sys.executable, "cwd": str(notebook_dir)}  # this interpreter's kernel
+    record = json.loads((out / "notebooks.json").read_text())
+    assert record["parameters"]["quick"] is True and record["notebooks"][0]["status"] == "ok"
+
+
+def test_run_notebooks_fails_loudly_naming_the_failing_notebook(notebook_dir, tmp_path):
+    write_notebook(notebook_dir / "01_ok.ipynb", *PASSING)
+    write_notebook(notebook_dir / "02_broken.ipynb", "raise ValueError('boom in the notebook')")
+    out = tmp_path / "reports"
+    with pytest.raises(RuntimeError, match="02_broken.ipynb") as caught:
+        run_notebooks(notebook_dir, out)
+    assert "boom in the notebook" in str(caught.value) and "01_ok" not in str(caught.value)
+    for name in ("01_ok", "02_broken"):  # what ran is written, the failure included
+        assert (out / f"{name}.ipynb").is_file() and (out / f"{name}.html").is_file()
+    assert "boom in the notebook" in (out / "02_broken.html").read_text()
+
+
+def test_run_notebooks_rejects_a_folder_without_notebooks(tmp_path):
+    with pytest.raises(ValueError, match="no \\*.ipynb"):
+        run_notebooks(tmp_path, tmp_path / "reports")
+
+
+def test_cli_reproduce_passes_parameters_and_reports_failure(notebook_dir, tmp_path, capsys):
+    write_notebook(notebook_dir / "01_params.ipynb", "assert quick is True and steps == 3 and label == 'abc'")
+    out = tmp_path / "reports"
+    argv = ["reproduce", "--quick", "--notebooks", str(notebook_dir), "--out", str(out), "-p", "steps=3",
+            "-p", "label=abc"]
+    assert cli.main(argv) == 0
+    assert (out / "01_params.html").is_file()
+
+    assert cli.main(argv[:-2]) == 1  # label missing: the notebook fails
+    assert "01_params.ipynb" in capsys.readouterr().err
+
+
+def test_cli_parameter_values_are_literals_or_strings():
+    assert cli._parameter("n=3") == ("n", 3)
+    assert cli._parameter("flag=False") == ("flag", False)
+    assert cli._parameter("name=SmolLM2") == ("name", "SmolLM2")
+    with pytest.raises(Exception, match="NAME=VALUE"):
+        cli._parameter("no-equals")
+
+
+def test_cli_requires_a_command():
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args([])
+    assert "reproduce" in cli.build_parser().format_help()
