@@ -13,13 +13,23 @@ import sys
 def add_reproduce_command(subparsers) -> None:
     parser = subparsers.add_parser(
         "reproduce",
-        help="run every notebook headless and write executed notebooks, HTML and figures",
-        description="Execute every notebook (sorted by name) with papermill; write NAME.ipynb, NAME.html "
-        "and figures/ under --out.",
+        help="run every notebook and benchmark, write their outputs and one index.html",
+        description="Execute every notebook (sorted by name) with papermill, then every benchmark script of the "
+        "benchmarks/ folder next to the notebooks; write NAME.ipynb, NAME.html, figures/, benchmarks/ and "
+        "index.html (every figure, its data, settings and the environment) under --out. Parts that finished "
+        "earlier with the same parameters are skipped (--force reruns them); a failing part is reported on the "
+        "page and in the exit code (1) without stopping the others.",
     )
     parser.add_argument("--quick", action="store_true", help="small prompts and few tokens: a fast smoke run")
+    parser.add_argument("--model", default=None, metavar="NAME_OR_PATH",
+                        help="model for the notebooks that declare a `model_name` parameter (default: their own, "
+                             "the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--out", default="reports", help="output folder (default: reports)")
+    parser.add_argument("--force", action="store_true", help="rerun parts that already finished")
     parser.add_argument("--notebooks", default="notebooks", help="folder of notebooks (default: notebooks)")
+    parser.add_argument("--benchmarks", default=None, metavar="FOLDER",
+                        help="folder of benchmark scripts (default: benchmarks/ next to the notebooks folder)")
+    parser.add_argument("--no-benchmarks", action="store_true", help="run the notebooks only")
     parser.add_argument(
         "-p", "--parameter", action="append", default=[], metavar="NAME=VALUE", type=_parameter,
         help="extra notebook parameter; VALUE is a Python literal or else a string (repeatable)",
@@ -29,12 +39,29 @@ def add_reproduce_command(subparsers) -> None:
 
 
 def _reproduce(args) -> int:
-    from snapkv.analysis.notebooks import run_notebooks
+    from pathlib import Path
 
-    runs = run_notebooks(
-        args.notebooks, args.out, parameters=dict(args.parameter), quick=args.quick, kernel_name=args.kernel
-    )
-    print(runs[["notebook", "status", "seconds", "html"]].to_string(index=False))
+    from snapkv.analysis.reproduce import INDEX, default_benchmarks, reproduce
+
+    benchmarks = None
+    if args.no_benchmarks:
+        benchmarks = []
+    elif args.benchmarks is not None:
+        benchmarks = default_benchmarks(args.benchmarks)
+        if not benchmarks:
+            raise ValueError(f"--benchmarks {args.benchmarks!r} holds no known benchmark script "
+                             "(speed_memory.py, gpu_scale.py)")
+    parts = reproduce(args.out, notebook_dir=args.notebooks, quick=args.quick, model_name=args.model,
+                      parameters=dict(args.parameter), force=args.force, benchmarks=benchmarks,
+                      kernel_name=args.kernel)
+    print(parts[["part", "status", "seconds", "output"]].to_string(index=False))
+    print(f"index: {Path(args.out) / INDEX}")
+    failed = parts[parts.status == "failed"]
+    if len(failed):
+        lines = [f"  {row.part}: {row.error}" for row in failed.itertuples()]
+        print(f"snapkv reproduce: {len(failed)} of {len(parts)} part(s) failed:\n" + "\n".join(lines),
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -48,3 +48,22 @@ def masked_decode_logits(model, tokens, prompt_len, kept_positions):
         model.set_attn_implementation(previous)
         VISIBLE.clear()
     return torch.stack(rows, 1)
+
+
+def direct_hit_rate(obs, rows, window, k, threshold):
+    """The paper's hit rate written with Python sets: sum |I & V| / sum |I| over heads and tokens.
+
+    obs (batch, heads, window, prompt_len); rows (batch, heads, tokens, prompt_len); V = top-k prefix
+    positions by summed window attention; I = prefix positions a token attends to above threshold.
+    Returns (hits, important)."""
+    prompt_len = obs.shape[-1]
+    hits = important = 0
+    for b in range(obs.shape[0]):
+        for h in range(obs.shape[1]):
+            votes = obs[b, h, :, : prompt_len - window].sum(0)
+            voted = set(votes.argsort(descending=True)[:k].tolist())
+            for t in range(rows.shape[2]):
+                imp = {p for p in range(prompt_len - window) if rows[b, h, t, p] > threshold}
+                hits += len(imp & voted)
+                important += len(imp)
+    return hits, important

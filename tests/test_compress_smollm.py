@@ -5,9 +5,9 @@ import textwrap
 
 import pytest
 import torch
+from reference import masked_decode_logits
 
 import snapkv
-from reference import masked_decode_logits
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,155 @@
+"""Prompt sets built from text every Python install has: the standard library's own source.
+
+Two sets, regenerated deterministically by `build_prompt_sets` (`snapkv build-data`):
+
+documents.jsonl  one record per module: a document of 2K-7K tokens (the module's source cut at a line
+                 boundary to a length drawn with a fixed seed) and 4 questions, each about a different
+                 function or class spread along the document ("What does `name` do?"); the reference
+                 answer is the first paragraph of its docstring, its depth is where it sits (0 = start).
+chat.jsonl       one record per module: 2K-7K tokens of its source as context for a chat request
+                 (`chat_request`: "Here is the beginning of Python module X. Continue it."); the
+                 reference response is the next `response_tokens` tokens of the real file, fed by
+                 teacher forcing like the paper's reference answers.
+Every record stores its token count under the embedded model's tokenizer; the build refuses a set
+whose lengths fall outside 2K-7K tokens.
+"""
+
+import ast
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+MODULES = (
+    "argparse", "ast", "calendar", "collections", "configparser", "contextlib", "csv", "dataclasses",
+    "difflib", "dis", "email.message", "enum", "fractions", "ftplib", "functools", "gettext", "gzip",
+    "heapq", "http.client", "imaplib", "inspect", "ipaddress", "logging", "mailbox", "optparse", "pathlib",
+    "pickle", "pprint", "queue", "random", "shutil", "smtplib", "statistics", "string", "subprocess",
+    "tarfile", "tempfile", "textwrap", "threading", "tokenize", "traceback", "typing", "urllib.parse",
+    "uuid", "warnings", "zipfile",
+)
+MIN_TOKENS, MAX_TOKENS = 2000, 7000
+QUESTIONS_PER_DOCUMENT = 4
+
+
+def module_source(name: str) -> str:
+    return Path(importlib.util.find_spec(name).origin).read_text(encoding="utf-8")
+
+
+def cut_to_tokens(text: str, tokenizer, tokens: int) -> str:
+    """The longest prefix of `text`, ending at a line break, that has at most `tokens` tokens."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids[:tokens]
+    prefix = tokenizer.decode(ids)
+    return prefix[: prefix.rfind("\n") + 1] if "\n" in prefix else prefix
+
+
+def documented_definitions(source: str) -> list[dict]:
+    """Top-level and method definitions with a docstring, in order: name, line, answer."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:  # a cut document may end mid-statement: parse the complete lines only
+        lines = source.splitlines(keepends=True)
+        while lines:
+            lines.pop()
+            try:
+                tree = ast.parse("".join(lines))
+                break
+            except SyntaxError:
+                continue
+        else:
+            return []
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"):
+            doc = ast.get_docstring(node)
+            if doc and len(doc.split()) >= 6:
+                found.append(dict(name=node.name, line=node.lineno, answer=doc.split("\n\n")[0].strip()))
+    unique = {d["name"]: d for d in sorted(found, key=lambda d: -d["line"])}  # keep first occurrence
+    return sorted(unique.values(), key=lambda d: d["line"])
+
+
+def spread(items: list, count: int) -> list:
+    """`count` items evenly spread along the list, first and last included."""
+    if len(items) <= count:
+        return items
+    return [items[round(i * (len(items) - 1) / (count - 1))] for i in range(count)]
+
+
+def build_documents(tokenizer, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    records = []
+    for name in MODULES:
+        target = rng.randint(MIN_TOKENS, MAX_TOKENS)
+        text = cut_to_tokens(module_source(name), tokenizer, target)
+        definitions = documented_definitions(text)
+        tokens = len(tokenizer(text, add_special_tokens=False).input_ids)
+        if len(definitions) < QUESTIONS_PER_DOCUMENT or tokens < MIN_TOKENS:
+            continue
+        lines = text.count("\n") or 1
+        questions = [
+            dict(question=f"What does `{d['name']}` do?", answer=d["answer"], name=d["name"],
+                 depth=round(d["line"] / lines, 3))
+            for d in spread(definitions, QUESTIONS_PER_DOCUMENT)
+        ]
+        records.append(dict(id=f"doc-{name}", module=name, tokens=tokens, text=text, questions=questions))
+    return records
+
+
+def build_chat(tokenizer, seed: int = 1, response_tokens: int = 512) -> list[dict]:
+    rng = random.Random(seed)
+    records = []
+    for name in MODULES:
+        source = module_source(name)
+        ids = tokenizer(source, add_special_tokens=False).input_ids
+        target = rng.randint(MIN_TOKENS, MAX_TOKENS)
+        if len(ids) < target + response_tokens:
+            continue
+        context = cut_to_tokens(source, tokenizer, target)
+        rest = tokenizer(source[len(context):], add_special_tokens=False).input_ids[:response_tokens]
+        records.append(dict(id=f"chat-{name}", module=name, context=context, response=tokenizer.decode(rest),
+                            context_tokens=len(tokenizer(context, add_special_tokens=False).input_ids)))
+    return records
+
+
+def chat_request(record: dict, tokenizer=None, max_context_tokens: int | None = None) -> str:
+    """The user message of a chat record, its context optionally cut to `max_context_tokens`."""
+    context = record["context"]
+    if max_context_tokens is not None:
+        context = cut_to_tokens(context, tokenizer, max_context_tokens)
+    return (f"Here is the beginning of the Python module `{record['module']}`:\n\n{context}\n"
+            "Continue the module from where it stops.")
+
+
+def chat_ids(tokenizer, content: str) -> list[int]:
+    """Token ids of a one-turn chat prompt (the model's chat template, generation prompt added)."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def build_prompt_sets(tokenizer, out_dir="data") -> dict[str, Path]:
+    """Write documents.jsonl and chat.jsonl under out_dir (atomically); returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, records in (("documents", build_documents(tokenizer)), ("chat", build_chat(tokenizer))):
+        lengths = [r.get("tokens", r.get("context_tokens")) for r in records]
+        if not records or not all(MIN_TOKENS <= n <= MAX_TOKENS for n in lengths):
+            raise RuntimeError(f"{name}: {len(records)} records with token lengths {lengths}, "
+                               f"expected {MIN_TOKENS}-{MAX_TOKENS} each")
+        path = out / f"{name}.jsonl"
+        partial = path.with_suffix(".jsonl.partial")
+        partial.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+        partial.replace(path)
+        paths[name] = path
+    return paths
+
+
+def load_prompt_set(name: str, data_dir="data") -> list[dict]:
+    """Read a prompt set ("documents" or "chat") built by `build_prompt_sets`."""
+    if name not in ("documents", "chat"):
+        raise ValueError(f"unknown prompt set {name!r}: choose 'documents' or 'chat'")
+    path = Path(data_dir) / f"{name}.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: build it with `snapkv build-data --out {data_dir}`")
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]

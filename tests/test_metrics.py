@@ -1,0 +1,104 @@
+"""Hit-rate metrics against a direct set computation."""
+
+import pandas as pd
+import pytest
+import torch
+from reference import direct_hit_rate
+
+from snapkv.analysis.metrics import hit_rate_table, pool, reference_set, sink_positions, summarize, voted_set
+
+
+def test_hit_rate_table_matches_direct_sets():
+    torch.manual_seed(0)
+    prompt_len, window = 80, 8
+    obs = {layer: torch.rand(2, 3, window, prompt_len).softmax(-1) for layer in range(2)}
+    gen = {layer: (torch.rand(2, 3, 12, prompt_len) * 6).softmax(-1) for layer in range(2)}
+    table = hit_rate_table(obs, gen, window_size=window, generation_window=4, top_k=0.1, threshold=0.02)
+    assert set(table.reference) == {"snapkv", "random", "recency", "streaming"}
+    table = table[table.reference == "snapkv"]
+    assert len(table) == 2 * 3
+    for row in table.itertuples():
+        part = slice(row.window * 4, row.window * 4 + 4)
+        hits, important = direct_hit_rate(obs[row.layer], gen[row.layer][:, :, part], window, 8, 0.02)
+        assert (row.hits, row.important) == (hits, important) and important > 0
+        assert row.hit_rate == pytest.approx(hits / important)
+
+
+def test_voted_set_size_and_errors():
+    obs = torch.rand(1, 2, 4, 100)
+    assert voted_set(obs, 0.05).sum(-1).tolist() == [[5, 5]]
+    assert not voted_set(obs, 10)[..., 96:].any()  # never inside the observation window
+    with pytest.raises(ValueError, match="top_k gives 0 positions"):
+        voted_set(obs, 0.001)
+
+
+def test_summarize_gives_mean_and_bootstrap_interval():
+    table = pd.DataFrame(dict(layer=[0] * 5 + [1] * 5, sample=list(range(5)) * 2,
+                              hit_rate=[0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.0, 1.0, 1.0, 1.0]))
+    summary = summarize(table, ["layer"], "hit_rate").set_index("layer")
+    assert summary.loc[0, "mean"] == pytest.approx(0.7)
+    assert 0.5 <= summary.loc[0, "ci_low"] < 0.7 < summary.loc[0, "ci_high"] <= 0.9
+    assert summary.loc[1, ["ci_low", "ci_high"]].tolist() == [1.0, 1.0] and summary.loc[1, "samples"] == 5
+
+
+@pytest.mark.parametrize("kind", ["random", "recency", "streaming"])
+def test_reference_sets_have_the_size_and_avoid_the_window(kind):
+    chosen = reference_set(kind, (2, 3, 100), window=10, k=12, sink_size=4, seed=1)
+    assert (chosen.sum(-1) == 12).all()
+    assert not chosen[..., 90:].any()
+    if kind == "recency":
+        assert chosen[..., 78:90].all()
+    if kind == "streaming":
+        assert chosen[..., :4].all() and chosen[..., 82:90].all()
+
+
+def test_random_reference_is_reproducible_with_its_seed():
+    a, b = (reference_set("random", (1, 4, 200), 16, 20, seed=3) for _ in range(2))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, reference_set("random", (1, 4, 200), 16, 20, seed=4))
+
+
+def test_sink_exclusion_removes_exactly_the_sinks():
+    torch.manual_seed(1)
+    prompt_len, window = 60, 6
+    obs = {0: torch.rand(1, 2, window, prompt_len).softmax(-1)}
+    rows = (torch.rand(1, 2, 8, prompt_len) * 5).softmax(-1)
+    rows[..., :4] += 0.3  # make the sinks important
+    table = hit_rate_table(obs, {0: rows}, window_size=window, generation_window=8, top_k=6, threshold=0.02,
+                           sink_size=4).set_index("reference")
+    kept = rows.clone()
+    kept[..., :4] = 0  # no sink can be important any more
+    hits, important = direct_hit_rate(obs[0], kept, window, 6, 0.02)
+    assert table.loc["snapkv", "hit_rate_no_sinks"] == pytest.approx(hits / important)
+    all_hits, all_important = direct_hit_rate(obs[0], rows, window, 6, 0.02)
+    assert table.loc["snapkv", "sink_share"] == pytest.approx((all_important - important) / all_important)
+    cutoff = sink_positions(obs[0], sink_size=2, cutoff=0.03)
+    mean = obs[0][..., : prompt_len - window].mean(-2)
+    assert torch.equal(cutoff[..., 2 : prompt_len - window], mean[..., 2:] > 0.03) and cutoff[..., :2].all()
+
+
+def test_mass_recall_is_one_for_the_whole_prefix_and_a_share_otherwise():
+    torch.manual_seed(2)
+    prompt_len, window = 40, 5
+    obs = {0: torch.rand(1, 2, window, prompt_len).softmax(-1)}
+    rows = (torch.rand(1, 2, 6, prompt_len) * 4).softmax(-1)
+    whole = hit_rate_table(obs, {0: rows}, window_size=window, generation_window=6, top_k=prompt_len - window,
+                           references=())
+    assert whole.mass_recall.item() == pytest.approx(1.0)
+    part = hit_rate_table(obs, {0: rows}, window_size=window, generation_window=6, top_k=7, references=())
+    voted = voted_set(obs[0], 7)
+    prefix = rows[..., : prompt_len - window]
+    direct = ((prefix * voted[:, :, None, : prompt_len - window]).sum(-1) / prefix.sum(-1)).mean()
+    assert part.mass_recall.item() == pytest.approx(direct.item()) and part.mass_recall.item() < 1
+
+
+def test_pool_recomputes_ratios_from_counts():
+    torch.manual_seed(3)
+    obs = {0: torch.rand(1, 2, 4, 50).softmax(-1)}
+    rows = (torch.rand(1, 2, 12, 50) * 5).softmax(-1)
+    by_window = hit_rate_table(obs, {0: rows}, window_size=4, generation_window=4, top_k=5, threshold=0.03)
+    whole = hit_rate_table(obs, {0: rows}, window_size=4, generation_window=12, top_k=5, threshold=0.03)
+    pooled = pool(by_window, ["layer", "reference"]).set_index("reference")
+    whole = whole.set_index("reference")
+    for column in ("hits", "important", "hit_rate", "hit_rate_no_sinks", "sink_share", "mass_recall", "tokens"):
+        assert pooled[column].to_numpy() == pytest.approx(whole.loc[pooled.index, column].to_numpy())
