@@ -17,22 +17,29 @@ def eager_attentions(model, ids):
         model.set_attn_implementation("sdpa")
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_hit_rate_along_generation_matches_eager_attention(family):
-    model = tiny_model(family)
+@pytest.fixture(params=["llama", "qwen3", pytest.param("smollm", marks=pytest.mark.slow)])
+def model(request):
+    if request.param == "smollm":
+        return request.getfixturevalue("smollm")[0]
+    return tiny_model(request.param)
+
+
+def test_hit_rate_along_generation_matches_eager_attention(model):
     prompt_len, window, steps, k = 80, 8, 3, 8
     ids = torch.randint(1, 128, (1, prompt_len + steps * window), generator=torch.Generator().manual_seed(3))
+    threshold = 0.011  # near-uniform attention of the tiny models sits around 1 / 100
     table = hit_rate_along_generation(model, ids, prompt_len, window_size=window, steps=steps, top_k=0.1,
-                                      threshold=0.02)
+                                      threshold=threshold)
     table = table[table.reference == "snapkv"]
     attentions = eager_attentions(model, ids)
     assert sorted(table.layer.unique()) == list(range(len(attentions)))
+    assert 0 < table.hits.sum() < table.important.sum()  # the comparison below is not vacuous
     for row in table.itertuples():
         attn = attentions[row.layer]
         obs = attn[:, :, prompt_len - window : prompt_len, :prompt_len]
         start = prompt_len + row.window * window
         rows = attn[:, :, start : start + window, :prompt_len]
-        assert (row.hits, row.important) == direct_hit_rate(obs, rows, window, k, 0.02)
+        assert (row.hits, row.important) == direct_hit_rate(obs, rows, window, k, threshold)
         voted = obs[..., : prompt_len - window].sum(2).topk(k, dim=-1).indices  # mass recall, from eager
         prefix = rows[..., : prompt_len - window]
         on_voted = prefix.gather(-1, voted[:, :, None, :].expand(-1, -1, rows.shape[2], -1)).sum(-1)
@@ -68,13 +75,14 @@ def test_windows_along_prompt_last_window_equals_the_observation_hit_rate():
     prompt_len, window = 64, 8
     ids = torch.randint(1, 128, (1, prompt_len + 16), generator=torch.Generator().manual_seed(9))
     table = windows_along_prompt(model, ids, prompt_len, window_size=window, n_windows=5, top_k=0.1,
-                                 threshold=0.02)
+                                 threshold=0.014)
     assert sorted(table.prompt_window.unique()) == [-5, -4, -3, -2, -1]
     table = table[table.reference == "snapkv"]
+    assert 0 < table.hits.sum() < table.important.sum()
     attentions = eager_attentions(model, ids)
     for row in table.itertuples():
         end = prompt_len - (-row.prompt_window - 1) * window
         attn = attentions[row.layer]
         obs = attn[:, :, end - window : end, :end]
         rows = attn[:, :, prompt_len:, :end]
-        assert (row.hits, row.important) == direct_hit_rate(obs, rows, window, 6, 0.02)
+        assert (row.hits, row.important) == direct_hit_rate(obs, rows, window, 6, 0.014)
