@@ -35,6 +35,8 @@ def add_reproduce_command(subparsers) -> None:
         help="extra notebook parameter; VALUE is a Python literal or else a string (repeatable)",
     )
     parser.add_argument("--kernel", default=None, help="Jupyter kernel name (default: python3, this interpreter)")
+    parser.add_argument("--cell-timeout", type=float, default=None, metavar="SECONDS",
+                        help="fail a notebook whose cell runs longer than this (default: no limit)")
     parser.set_defaults(handler=_reproduce)
 
 
@@ -53,7 +55,7 @@ def _reproduce(args) -> int:
                              "(speed_memory.py, gpu_scale.py)")
     parts = reproduce(args.out, notebook_dir=args.notebooks, quick=args.quick, model_name=args.model,
                       parameters=dict(args.parameter), force=args.force, benchmarks=benchmarks,
-                      kernel_name=args.kernel)
+                      kernel_name=args.kernel, execution_timeout=args.cell_timeout)
     print(parts[["part", "status", "seconds", "output"]].to_string(index=False))
     print(f"index: {Path(args.out) / INDEX}")
     failed = parts[parts.status == "failed"]
@@ -118,3 +120,212 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# -- long-context quality: `snapkv needle` and `snapkv tasks` ---------------------------------------------------
+
+
+def _comma_list(text, kind, name: str) -> list:
+    items = [item.strip() for item in str(text).split(",") if item.strip()]
+    try:
+        return [kind(item) for item in items]
+    except ValueError:
+        raise ValueError(f"--{name} expects a comma-separated list of {kind.__name__}s, got {text!r}") from None
+
+
+def _quality_arguments(parser, what: str) -> None:
+    parser.add_argument("--model", default=None, help="model folder, .gguf file or cached hub id (default: embedded "
+                        "SmolLM2-135M-Instruct)")
+    parser.add_argument("--methods", default=None, help="comma-separated: full, snapkv, streaming, random, h2o, "
+                        "snapkv-avgpool, snapkv-nopool (default: all)")
+    parser.add_argument("--budgets", default=None, help="comma-separated prompt budgets (default: 128,256,512,1024)")
+    parser.add_argument("--ablation-budgets", default=None,
+                        help="budgets of the pooling ablation (snapkv-avgpool, snapkv-nopool; default: 128)")
+    parser.add_argument("--lengths", default=None, help="comma-separated prompt lengths in tokens "
+                        "(default: 1000,2000,4000,6000,8000)")
+    parser.add_argument("--samples", default=None, help=f"{what} per length (default: 1 for needle, 5 for tasks)")
+    parser.add_argument("--modes", default=None, help="question-aware and/or question-agnostic (comma-separated)")
+    parser.add_argument("--haystack", default=None, help="text file to use as haystack (default: stdlib docstrings)")
+    parser.add_argument("--seed", default="0", help="seed of the generated prompts (default: 0)")
+    parser.add_argument("--prefill-chunk", default="2048", help="prefill chunk in tokens (default: 2048)")
+    parser.add_argument("--out", default=None, help="output folder (default: reports/quality)")
+    parser.add_argument("--quick", action="store_true", help="a tiny smoke run (one 512-token length, 2 methods)")
+
+
+def add_needle_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "needle", help="needle-in-a-haystack: SnapKV against baselines over context lengths and depths",
+        description="Insert a fact at each depth of a haystack at each length, ask for it, score the greedy answer; "
+        "every method decodes from one shared prefill per prompt. Writes needle.{csv,json,png,html} (and "
+        "needle_pooling.* when the pooling ablation ran) under --out.",
+    )
+    _quality_arguments(parser, "needles")
+    parser.add_argument("--depths", default=None, help="comma-separated depths in [0, 1] (default: 0,0.1,...,1)")
+    parser.add_argument("--needle-format", default="number", help="number (default) or passphrase")
+    parser.set_defaults(handler=_needle)
+
+
+def add_tasks_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "tasks", help="RULER-style task suite and next-line code completion: accuracy against budget",
+        description="Single/multi-key and multi-value retrieval, variable tracking and code completion at each "
+        "length; (task, length) groups the full cache fails (score < --threshold after --calibration-samples "
+        "prompts) are dropped. Writes tasks.* and tasks_calibration.* under --out.",
+    )
+    _quality_arguments(parser, "prompts per task")
+    parser.add_argument("--tasks", default=None, help="comma-separated: single_key, multi_key, multi_value, "
+                        "variable_tracking, code_completion (default: all)")
+    parser.add_argument("--threshold", default="0.5", help="full-cache score a group needs (default: 0.5)")
+    parser.add_argument("--calibration-samples", default="3", help="prompts per group before deciding (default: 3)")
+    parser.set_defaults(handler=_tasks)
+
+
+def _quality_settings(args, quick: dict, defaults: dict) -> dict:
+    from snapkv.analysis import quality
+
+    def pick(name, kind, fallback):
+        value = getattr(args, name)
+        if value is None:
+            value = quick.get(name, fallback) if args.quick else fallback
+        return value if not isinstance(value, str) else _comma_list(value, kind, name.replace("_", "-"))
+
+    settings = dict(
+        methods=pick("methods", str, list(quality.METHODS)),
+        budgets=pick("budgets", int, list(quality.DEFAULT_BUDGETS)),
+        ablation_budgets=pick("ablation_budgets", int, list(quality.ABLATION_BUDGETS)),
+        lengths=pick("lengths", int, list(quality.DEFAULT_LENGTHS)),
+        modes=pick("modes", str, defaults["modes"]),
+        seed=_comma_list(args.seed, int, "seed")[0],
+        prefill_chunk_size=_comma_list(args.prefill_chunk, int, "prefill-chunk")[0],
+        model=args.model, quick=args.quick, window_size=quality.WINDOW_SIZE, kernel_size=quality.KERNEL_SIZE,
+    )
+    samples = pick("samples", int, [defaults["samples"]])
+    if len(samples) != 1:
+        raise ValueError(f"--samples expects one positive int, got {args.samples!r}")
+    settings["samples"] = quality._check_samples(samples[0])
+    quality._check_lengths(settings["lengths"])
+    quality.check_methods(settings["methods"], settings["budgets"], settings["ablation_budgets"])
+    unknown = [m for m in settings["modes"] if m not in quality.MODES]
+    if unknown or not settings["modes"]:
+        raise ValueError(f"unknown mode(s) {unknown or settings['modes']}: choose from {', '.join(quality.MODES)}")
+    if settings["prefill_chunk_size"] < quality.WINDOW_SIZE:
+        raise ValueError(f"--prefill-chunk must be at least the window ({quality.WINDOW_SIZE})")
+    return settings
+
+
+def _load_for_quality(settings: dict, max_new_tokens: int):
+    from snapkv.analysis import quality
+    from snapkv.core import loading
+
+    model, tokenizer = loading.load_model(settings["model"])
+    quality.check_lengths_fit(settings["lengths"], model, max_new_tokens)  # before any prefill
+    return model, tokenizer
+
+
+def _needle(args) -> int:
+    import time
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from snapkv.analysis import quality, quality_plots
+    from snapkv.analysis.results import save_result
+
+    quick = dict(methods="full,snapkv", budgets="128", ablation_budgets="", lengths="512", depths="0,0.5,1")
+    settings = _quality_settings(args, quick, {"modes": ["question-aware"], "samples": 1})
+    depths = args.depths if args.depths is not None else quick["depths"] if args.quick else None
+    settings["depths"] = list(quality.DEFAULT_DEPTHS) if depths is None else _comma_list(depths, float, "depths")
+    if not settings["depths"] or not all(0 <= d <= 1 for d in settings["depths"]):
+        raise ValueError(f"--depths must be fractions in [0, 1], got {args.depths!r}")
+    if args.needle_format not in quality.NEEDLE_FORMATS:
+        raise ValueError(f"unknown --needle-format {args.needle_format!r}: choose from {quality.NEEDLE_FORMATS}")
+    settings |= dict(needle_format=args.needle_format, haystack=args.haystack)
+    haystack = quality.load_haystack(args.haystack)
+    methods = quality.method_grid(settings["methods"], settings["budgets"], settings["ablation_budgets"])
+    model, tokenizer = _load_for_quality(settings, 12)
+    start = time.perf_counter()
+    prompts = quality.needle_prompts(tokenizer, lengths=settings["lengths"], depths=settings["depths"],
+                                     samples=settings["samples"], seed=settings["seed"], haystack_text=haystack,
+                                     needle_format=args.needle_format)
+    table = quality.evaluate(model, tokenizer, prompts, methods, modes=settings["modes"],
+                             prefill_chunk_size=settings["prefill_chunk_size"])
+    settings["seconds"] = round(time.perf_counter() - start, 1)
+    out = args.out or "reports/quality"
+    caption = f"{model.config._name_or_path}, {len(prompts)} prompts"
+    for mode in settings["modes"]:
+        figure, interactive = quality_plots.needle_heatmap_figure(table, caption, mode)
+        name = "needle" if mode == settings["modes"][0] else f"needle_{mode.replace('-', '_')}"
+        paths = save_result(name, table, figure, interactive, settings, out, model)
+        print(f"{mode}: {paths['png']}")
+    ablation = table[table.method.str.startswith("snapkv")]
+    ablation = ablation[ablation.budget.isin(settings["ablation_budgets"])]
+    if ablation.method.nunique() > 1:
+        pooling = ablation.method.map({"snapkv": "maxpool", "snapkv-avgpool": "avgpool", "snapkv-nopool": "none"})
+        rows = ablation.assign(pooling=pooling)
+        summary = quality.summarize_quality(rows[rows["mode"] == settings["modes"][0]], ["pooling", "length"])
+        figure, interactive = quality_plots.pooling_ablation_figure(summary, caption)
+        save_result("needle_pooling", rows, figure, interactive, settings, out, model)
+    means = table.groupby(["mode", "method", "budget"], dropna=False).score.mean().rename("mean score")
+    print(means.reset_index().to_string(index=False))
+    checks = quality.target_checks(table, mode=settings["modes"][0])
+    if len(checks):
+        print(checks.to_string(index=False))
+    print(f"{len(prompts)} prompts in {settings['seconds']} s -> {out}")
+    return 0
+
+
+def _tasks(args) -> int:
+    import time
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from snapkv.analysis import quality, quality_plots
+    from snapkv.analysis.results import save_result
+
+    quick = dict(methods="full,snapkv", budgets="128", ablation_budgets="", lengths="512", tasks="single_key",
+                 samples=[1])
+    settings = _quality_settings(args, quick, {"modes": list(quality.MODES), "samples": 5})
+    tasks = args.tasks if args.tasks is not None else quick["tasks"] if args.quick else ",".join(quality.TASKS)
+    settings["tasks"] = _comma_list(tasks, str, "tasks")
+    unknown = [t for t in settings["tasks"] if t not in quality.TASKS]
+    if unknown or not settings["tasks"]:
+        raise ValueError(f"unknown task(s) {unknown or tasks!r}: choose from {', '.join(quality.TASKS)}")
+    settings["threshold"] = _comma_list(args.threshold, float, "threshold")[0]
+    settings["calibration_samples"] = quality._check_samples(
+        _comma_list(args.calibration_samples, int, "calibration-samples")[0])
+    settings["haystack"] = args.haystack
+    if "full" not in settings["methods"]:
+        raise ValueError("--methods must include full: the suite calibrates on the full cache")
+    haystack = quality.load_haystack(args.haystack)
+    methods = quality.method_grid(settings["methods"], settings["budgets"], settings["ablation_budgets"])
+    model, tokenizer = _load_for_quality(settings, 40)
+    start = time.perf_counter()
+    prompts = quality.task_prompts(tokenizer, tasks=settings["tasks"], lengths=settings["lengths"],
+                                   samples=settings["samples"], seed=settings["seed"], haystack_text=haystack)
+    table, calibration = quality.calibrated_evaluate(
+        model, tokenizer, prompts, methods, threshold=settings["threshold"],
+        calibration_samples=settings["calibration_samples"], modes=settings["modes"],
+        prefill_chunk_size=settings["prefill_chunk_size"])
+    settings["seconds"] = round(time.perf_counter() - start, 1)
+    out = args.out or "reports/quality"
+    caption = f"{model.config._name_or_path}, {len(prompts)} prompts"
+    figure, interactive = quality_plots.calibration_figure(calibration, caption, settings["threshold"])
+    save_result("tasks_calibration", calibration, figure, interactive, settings, out, model)
+    print(calibration[["task", "length", "full_score", "samples", "reason"]].to_string(index=False))
+    if table.empty:
+        print(f"the full cache solves no (task, length) group at threshold {settings['threshold']}: nothing to compare")
+        return 0
+    summary = quality.summarize_quality(table)
+    retention = quality.retention_table(table, ["mode", "task", "method", "budget"])
+    figure, interactive = quality_plots.accuracy_vs_budget_figure(summary, retention, caption)
+    paths = save_result("tasks", table, figure, interactive, settings, out, model)
+    print(summary.to_string(index=False))
+    checks = quality.target_checks(suite_table=table, mode=settings["modes"][0])
+    if len(checks):
+        print(checks.to_string(index=False))
+    print(f"{len(prompts)} prompts in {settings['seconds']} s -> {paths['png']}")
+    return 0
+
+
+COMMANDS += [add_needle_command, add_tasks_command]

@@ -1,0 +1,416 @@
+"""Explore a saved trace, one head at a time: what the observation window votes for, what each generated
+token attends to, and which prompt positions SnapKV would keep under a chosen budget.
+
+Pure functions of a `Trace` (loaded with `Trace.load`, no model needed): DataFrames and figures
+(plotly for the interactive view, matplotlib for the static one). `notebooks/09_explorer.ipynb` wires
+them to widgets. Kept positions are recomputed from the trace's observation attention with the engine's
+own functions (`snapkv.core.selection`: window votes, pooling, GQA aggregation, top-k + window), so they
+are what `snapkv.SnapKV(window_size, budget, kernel_size, pooling, gqa)` keeps for that prompt.
+
+Positions are the row's own prompt positions (left padding cut away, `Trace(..., row=)` getters).
+"""
+
+import math
+import re
+
+import numpy as np
+import pandas as pd
+import torch
+
+from snapkv.analysis.trace import Trace
+from snapkv.core.selection import GQA_MODES, POOLINGS, aggregate_gqa, pool_scores, top_positions
+
+MAX_HOVER_CELLS = 400_000  # heatmap cells that get a token in their hover text
+
+
+# -- tokens ----------------------------------------------------------------------------------------
+def load_tokenizer(trace: Trace):
+    """The tokenizer the trace names (metadata "tokenizer", else "model_id"), loaded without a network:
+    the embedded default model's converted folder, a local folder, or the local Hugging Face cache.
+    None when none of these has it (labels then show token ids)."""
+    from transformers import AutoTokenizer
+
+    from snapkv.core import loading
+
+    name = trace.metadata.get("tokenizer") or trace.metadata.get("model_id")
+    if not name:
+        return None
+    candidates = []
+    if name == loading.DEFAULT_MODEL_ID:
+        try:
+            candidates.append(str(loading.model_cache_root() / loading.gguf_sha256(loading.default_model_path())))
+        except loading.MissingModelError:
+            pass
+    candidates.append(name)
+    for candidate in candidates:
+        try:
+            return AutoTokenizer.from_pretrained(candidate, local_files_only=True)
+        except Exception:  # noqa: BLE001 (OSError, ValueError, hub errors: all mean "not available here")
+            continue
+    return None
+
+
+def _label(token_id: int, tokenizer) -> str:
+    if tokenizer is None:
+        return f"id {token_id}"
+    text = tokenizer.decode([token_id])
+    return text.replace("\n", "\u23ce").replace("\t", "\u21e5") or f"id {token_id}"
+
+
+def token_labels(trace: Trace, tokenizer=None, row: int = 0) -> tuple[list[str], list[str]]:
+    """(prompt labels, generated labels) of one row: each token decoded alone (newline shown as ⏎), or
+    "id N" without a tokenizer; "position N" when the trace holds no input_ids. Generated label i names
+    the token whose query made generated row i."""
+    prompt_length = int(trace.prompt_lengths[row])
+    ids = trace.input_ids
+    if ids is None:
+        prompt = [f"position {p}" for p in range(prompt_length)]
+        return prompt, [f"step {i}" for i in range(trace.generated)]
+    pad = int(trace.pad_lengths[row])
+    row_ids = ids[row, pad:].tolist()
+    labels = [_label(t, tokenizer) for t in row_ids]
+    prompt, fed = labels[:prompt_length], labels[prompt_length:]
+    generated = fed[: trace.generated]  # row i: the query of fed token i (a generated or teacher-forced token)
+    generated += [f"step {i}" for i in range(len(generated), trace.generated)]
+    return prompt, generated
+
+
+# -- selection on a trace ---------------------------------------------------------------------------
+def kv_heads_of(trace: Trace, layer: int) -> int | None:
+    """Key/value heads of the recorded model: metadata "num_key_value_heads" when recorded, else the cache
+    heads of a compressed layer when fewer than the query heads, else None (unknown)."""
+    recorded = trace.metadata.get("num_key_value_heads")
+    if recorded:
+        return int(recorded)
+    kept = trace.kept_positions(layer)
+    heads = trace.metadata.get("num_attention_heads")
+    if kept is not None and heads and kept.shape[1] < heads:
+        return int(kept.shape[1])
+    return None
+
+
+def _selection(trace: Trace, layer: int, budget: int, window_size: int | None, kernel_size: int,
+                     pooling: str, gqa: str | None, kv_heads: int | None) -> tuple[int, int | None, str]:
+    gqa = default_gqa(trace) if gqa is None else gqa
+    recorded = trace.metadata["window_size"]
+    window_size = recorded if window_size is None else window_size
+    if isinstance(window_size, bool) or not isinstance(window_size, int) or not 1 <= window_size <= recorded:
+        raise ValueError(f"window_size must be an int from 1 to the recorded window ({recorded}), got {window_size!r}")
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget <= window_size:
+        raise ValueError(f"budget ({budget!r}) must be an int that exceeds window_size ({window_size}): "
+                         "the budget includes the observation window")
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be an odd positive int, got {kernel_size!r}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if gqa not in GQA_MODES:
+        raise ValueError(f"gqa must be one of {GQA_MODES}, got {gqa!r}")
+    if gqa != "expand":
+        kv_heads = kv_heads or kv_heads_of(trace, layer)
+        if kv_heads is None:
+            raise ValueError(f"gqa={gqa!r} needs the model's key/value head count, which this trace does not "
+                             "record: pass kv_heads= (config.num_key_value_heads), or use gqa='expand'")
+    return window_size, kv_heads, gqa
+
+
+def window_votes(trace: Trace, layer: int, *, window_size: int | None = None, row: int = 0) -> torch.Tensor:
+    """The observation window's summed attention over the prefix (Algorithm 1, step 3), per query head.
+
+    Uses the last `window_size` recorded window queries (default: all). float32 (heads, prompt_len - window).
+    """
+    observation = trace.observation_attention(layer, row=row)  # (heads, window, n)
+    window = observation.shape[-2] if window_size is None else window_size
+    n = observation.shape[-1]
+    return observation[:, -window:, : n - window].sum(dim=1)
+
+
+def kept_positions(trace: Trace, layer: int, *, budget: int, window_size: int | None = None, kernel_size: int = 7,
+                   pooling: str = "maxpool", gqa: str | None = None, kv_heads: int | None = None,
+                   row: int = 0) -> torch.Tensor:
+    """Prompt positions SnapKV keeps per cache head under `budget` (window included), ascending.
+
+    long (cache_heads, min(prompt_len, budget)); cache_heads = query heads for gqa="expand", else kv_heads.
+    Same math as `snapkv.core.selection.select_positions`, on the trace's recorded window attention.
+    """
+    window_size, kv_heads, gqa = _selection(trace, layer, budget, window_size, kernel_size, pooling, gqa, kv_heads)
+    votes = window_votes(trace, layer, window_size=window_size, row=row)
+    heads, prefix = votes.shape
+    n = prefix + window_size
+    cache_heads = heads if gqa == "expand" else kv_heads
+    if n <= budget:
+        return torch.arange(n).expand(cache_heads, n).clone()
+    scores = aggregate_gqa(pool_scores(votes[None], kernel_size, pooling), kv_heads or heads, gqa)
+    return top_positions(scores, budget - window_size, window_size)[0]
+
+
+def default_gqa(trace: Trace) -> str:
+    """The gqa mode of the policy the trace was recorded under, else "mean" (the engine's default) when the
+    key/value head count is known, else "expand" (one cache head per query head)."""
+    match = re.search(r"gqa='(\w+)'", str(trace.metadata.get("policy") or ""))
+    if match and match.group(1) in GQA_MODES:
+        return match.group(1)
+    return "mean" if kv_heads_of(trace, trace.layers[0]) else "expand"
+
+
+def cache_head_of(head: int, heads: int, cache_heads: int) -> int:
+    """The cache head serving query head `head` (heads // cache_heads query heads share one)."""
+    return head // (heads // cache_heads)
+
+
+def generation_rows(trace: Trace, layer: int, row: int = 0) -> tuple[torch.Tensor, str]:
+    """What generation attended to over the prompt, dense float32 (heads, rows, prompt_len_i), and what a row is.
+
+    reducer "raw": one row per generated token; "window_sum": the mean row of each window of `reduce_window`
+    tokens; "topk": one row per token with only its recorded top-k positions non-zero.
+    """
+    if not trace.metadata.get("generation"):
+        raise ValueError("this trace was recorded with generation=False: it holds no generated rows to explore; "
+                         "record again with generation=True")
+    if trace.reducer == "raw":
+        return trace.generation_attention(layer, row=row), "token"
+    if trace.reducer == "window_sum":
+        sums = trace.generation_window_sums(layer, row=row)
+        counts = trace.window_token_counts.clamp(min=1).to(sums.dtype)
+        return sums / counts[None, :, None], f"window of {trace.metadata['reduce_window']} tokens"
+    positions, values = trace.generation_topk(layer, row=row)
+    heads, steps, _ = positions.shape
+    dense = torch.zeros(heads, steps, int(trace.prompt_lengths[row]))
+    return dense.scatter_(-1, positions.clamp(min=0), values), f"token (top-{positions.shape[-1]} only)"
+
+
+# -- tables ----------------------------------------------------------------------------------------
+def head_table(trace: Trace, layer: int, head: int, *, budget: int, window_size: int | None = None,
+               kernel_size: int = 7, pooling: str = "maxpool", gqa: str | None = None, kv_heads: int | None = None,
+               tokenizer=None, row: int = 0) -> pd.DataFrame:
+    """One row per prompt position for one query head: token, vote (window's summed attention), score
+    (pooled, GQA-aggregated: what top-k ranks), kept (under the budget), in_window, and generation's mean
+    and max attention on it (NaN without generated rows)."""
+    window_size, kv_heads, gqa = _selection(trace, layer, budget, window_size, kernel_size, pooling, gqa, kv_heads)
+    _check_head(trace, head)
+    votes = window_votes(trace, layer, window_size=window_size, row=row)
+    heads, prefix = votes.shape
+    n = prefix + window_size
+    cache_heads = heads if gqa == "expand" else kv_heads
+    cache_head = cache_head_of(head, heads, cache_heads)
+    scores = aggregate_gqa(pool_scores(votes[None], kernel_size, pooling), kv_heads or heads, gqa)[0]
+    kept = kept_positions(trace, layer, budget=budget, window_size=window_size, kernel_size=kernel_size,
+                          pooling=pooling, gqa=gqa, kv_heads=kv_heads, row=row)[cache_head]
+    prompt_labels, _ = token_labels(trace, tokenizer, row)
+    table = pd.DataFrame({
+        "layer": layer, "head": head, "cache_head": cache_head, "position": np.arange(n), "token": prompt_labels,
+        "vote": np.concatenate([votes[head].numpy(), np.full(window_size, np.nan)]),
+        "score": np.concatenate([scores[cache_head].numpy(), np.full(window_size, np.nan)]),
+        "kept": np.isin(np.arange(n), kept.numpy()),
+        "in_window": np.arange(n) >= prefix,
+    })
+    rows = _generation_rows_or_none(trace, layer, row)
+    table["generation_mean"] = rows[0][head].mean(0).numpy() if rows else np.nan
+    table["generation_max"] = rows[0][head].amax(0).numpy() if rows else np.nan
+    return table
+
+
+def generation_table(trace: Trace, layer: int, head: int, *, budget: int, window_size: int | None = None,
+                     kernel_size: int = 7, pooling: str = "maxpool", gqa: str | None = None,
+                     kv_heads: int | None = None, tokenizer=None, row: int = 0, sink_size: int = 4) -> pd.DataFrame:
+    """One row per generated row for one query head: its token, attention mass on the prompt, the share of
+    that mass on the kept positions (`kept_share`), the same share leaving out the first `sink_size` positions
+    (`kept_share_after_sink`: attention sinks take much of the mass and are easy to keep), and whether its most
+    attended prompt position is kept."""
+    _check_head(trace, head)
+    rows, _ = generation_rows(trace, layer, row)
+    attention = rows[head]  # (steps, n)
+    window_size, kv_heads, gqa = _selection(trace, layer, budget, window_size, kernel_size, pooling, gqa, kv_heads)
+    heads = rows.shape[0]
+    cache_heads = heads if gqa == "expand" else kv_heads
+    kept = kept_positions(trace, layer, budget=budget, window_size=window_size, kernel_size=kernel_size,
+                          pooling=pooling, gqa=gqa, kv_heads=kv_heads, row=row)[cache_head_of(head, heads, cache_heads)]
+    mask = torch.zeros(attention.shape[-1], dtype=torch.bool)
+    mask[kept] = True
+    on_prompt = attention.sum(-1)
+    after_sink = attention[:, sink_size:]
+    _, generated_labels = token_labels(trace, tokenizer, row)
+    return pd.DataFrame({
+        "layer": layer, "head": head, "step": np.arange(attention.shape[0]),
+        "token": generated_labels[: attention.shape[0]] if trace.reducer != "window_sum"
+        else [f"window {i}" for i in range(attention.shape[0])],
+        "prompt_mass": on_prompt.numpy(),
+        "kept_share": (attention[:, mask].sum(-1) / on_prompt.clamp(min=1e-12)).numpy(),
+        "kept_share_after_sink": (after_sink[:, mask[sink_size:]].sum(-1)
+                                  / after_sink.sum(-1).clamp(min=1e-12)).numpy(),
+        "top_position": attention.argmax(-1).numpy(),
+        "top_kept": mask[attention.argmax(-1)].numpy(),
+    })
+
+
+def kept_attention_table(trace: Trace, *, budget: int, window_size: int | None = None, kernel_size: int = 7,
+                         pooling: str = "maxpool", gqa: str | None = None, kv_heads: int | None = None,
+                         row: int = 0, sink_size: int = 4) -> pd.DataFrame:
+    """Per layer and query head: the mean share of generation's prompt attention that falls on the positions
+    SnapKV keeps under `budget` (`kept_share`; `kept_share_after_sink` leaves out the first `sink_size`
+    positions), to find the heads worth a closer look."""
+    records = []
+    for layer in trace.layers:
+        rows, _ = generation_rows(trace, layer, row)
+        heads = rows.shape[0]
+        w, kv, gqa_mode = _selection(trace, layer, budget, window_size, kernel_size, pooling, gqa, kv_heads)
+        kept = kept_positions(trace, layer, budget=budget, window_size=w, kernel_size=kernel_size, pooling=pooling,
+                              gqa=gqa_mode, kv_heads=kv, row=row)
+        cache_heads = kept.shape[0]
+        on_prompt = rows.sum(-1).clamp(min=1e-12)  # (heads, steps)
+        for head in range(heads):
+            mask = torch.zeros(rows.shape[-1], dtype=torch.bool)
+            mask[kept[cache_head_of(head, heads, cache_heads)]] = True
+            share = rows[head][:, mask].sum(-1) / on_prompt[head]
+            rest = rows[head][:, sink_size:]
+            share_after_sink = rest[:, mask[sink_size:]].sum(-1) / rest.sum(-1).clamp(min=1e-12)
+            records.append({"layer": layer, "head": head, "kept_share": float(share.mean()),
+                            "kept_share_after_sink": float(share_after_sink.mean()), "kept": int(mask.sum()),
+                            "prompt_len": rows.shape[-1]})
+    return pd.DataFrame(records)
+
+
+def _generation_rows_or_none(trace: Trace, layer: int, row: int):
+    if not trace.metadata.get("generation") or trace.generated == 0:
+        return None
+    return generation_rows(trace, layer, row)
+
+
+def _check_head(trace: Trace, head: int) -> None:
+    heads = trace.metadata["num_attention_heads"]
+    if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < heads:
+        raise ValueError(f"head must be an int from 0 to {heads - 1}, got {head!r}")
+
+
+# -- figures ---------------------------------------------------------------------------------------
+def _title(trace: Trace, layer: int, head: int, budget: int, table: pd.DataFrame, steps: pd.DataFrame | None) -> str:
+    share = "" if steps is None or not len(steps) else (
+        f", generation attention on kept: {steps.kept_share.mean():.0%} "
+        f"({steps.kept_share_after_sink.mean():.0%} after the first 4 positions)")
+    return (f"{trace.metadata.get('model_id')}, layer {layer}, head {head}: budget {budget} keeps "
+            f"{int(table.kept.sum())} of {len(table)} prompt positions{share}")
+
+
+def explorer_figure(trace: Trace, layer: int, head: int, *, budget: int, window_size: int | None = None,
+                    kernel_size: int = 7, pooling: str = "maxpool", gqa: str | None = None, kv_heads: int | None = None,
+                    tokenizer=None, row: int = 0):
+    """Plotly figure, x = prompt position in three aligned panels: the window's votes (pooled score) with the
+    kept positions marked; each generated row's attention (heatmap); generation's mean attention with the kept
+    positions marked. Hover shows the prompt token under the cursor (and the generated token of a row)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    settings = dict(budget=budget, window_size=window_size, kernel_size=kernel_size, pooling=pooling, gqa=gqa,
+                    kv_heads=kv_heads, tokenizer=tokenizer, row=row)
+    table = head_table(trace, layer, head, **settings)
+    generated = _generation_rows_or_none(trace, layer, row)
+    steps = generation_table(trace, layer, head, **settings) if generated else None
+    kept = table[table.kept]
+    tokens = table.token.to_numpy()
+    figure = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.05, row_heights=[0.25, 0.5, 0.25],
+                           subplot_titles=["observation window votes (score SnapKV ranks)",
+                                           f"generation attention per {generated[1] if generated else 'token'}",
+                                           "generation attention, mean over rows"])
+    hover = "position %{x}: %{customdata}<br>%{y:.4f}<extra></extra>"
+    figure.add_trace(go.Scatter(x=table.position, y=table.score, name="score (pooled votes)", mode="lines",
+                                customdata=tokens, hovertemplate=hover, line={"color": "#1f77b4"}), row=1, col=1)
+    figure.add_trace(go.Scatter(x=table.position, y=table.vote, name="vote (this head)", mode="lines",
+                                customdata=tokens, hovertemplate=hover, line={"color": "#aec7e8", "width": 1}),
+                     row=1, col=1)
+    figure.add_trace(go.Scatter(x=kept.position, y=kept.score.fillna(0), name=f"kept ({len(kept)})", mode="markers",
+                                customdata=kept.token, hovertemplate="kept %{x}: %{customdata}<extra></extra>",
+                                marker={"color": "#d62728", "size": 5}), row=1, col=1)
+    if generated:
+        attention = generated[0][head].numpy()
+        _, labels = token_labels(trace, tokenizer, row)
+        labels = (labels if trace.reducer != "window_sum" else [f"window {i}" for i in range(attention.shape[0])])
+        labels = labels[: attention.shape[0]]
+        heatmap = dict(z=attention, x=table.position, y=np.arange(attention.shape[0]), colorscale="Viridis",
+                       colorbar={"title": "attention", "len": 0.45, "y": 0.5}, name="generation")
+        if attention.size <= MAX_HOVER_CELLS:
+            cells = np.empty(attention.shape, dtype=object)
+            for i, label in enumerate(labels):
+                cells[i] = [f"{label!r} -> {token!r}" for token in tokens]
+            heatmap |= dict(customdata=cells, hovertemplate="row %{y} -> position %{x}<br>%{customdata}<br>"
+                                                            "%{z:.4f}<extra></extra>")
+        figure.add_trace(go.Heatmap(**heatmap), row=2, col=1)
+        figure.add_trace(go.Scatter(x=table.position, y=table.generation_mean, name="generation mean", mode="lines",
+                                    customdata=tokens, hovertemplate=hover, line={"color": "#2ca02c"}), row=3, col=1)
+        figure.add_trace(go.Scatter(x=kept.position, y=kept.generation_mean, name="kept", mode="markers",
+                                    customdata=kept.token, hovertemplate="kept %{x}: %{customdata}<extra></extra>",
+                                    marker={"color": "#d62728", "size": 5}, showlegend=False), row=3, col=1)
+        figure.update_yaxes(title_text="generated row", autorange="reversed", row=2, col=1)
+    window_start = int(table.position[table.in_window].min())
+    for panel in (1, 2, 3):
+        figure.add_vrect(x0=window_start - 0.5, x1=len(table) - 0.5, fillcolor="grey", opacity=0.15, line_width=0,
+                         row=panel, col=1)
+    figure.update_yaxes(type="log", row=1, col=1)
+    figure.update_yaxes(type="log", row=3, col=1)
+    figure.update_xaxes(title_text="prompt position (grey: observation window)", row=3, col=1)
+    figure.update_layout(title=_title(trace, layer, head, budget, table, steps), height=760,
+                         legend={"orientation": "h", "y": -0.12}, hovermode="closest")
+    return figure
+
+
+def static_figure(trace: Trace, layer: int, head: int, *, budget: int, window_size: int | None = None,
+                  kernel_size: int = 7, pooling: str = "maxpool", gqa: str | None = None, kv_heads: int | None = None,
+                  tokenizer=None, row: int = 0):
+    """The same three panels as `explorer_figure`, in matplotlib/seaborn (for PNG and headless runs)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    settings = dict(budget=budget, window_size=window_size, kernel_size=kernel_size, pooling=pooling, gqa=gqa,
+                    kv_heads=kv_heads, tokenizer=tokenizer, row=row)
+    table = head_table(trace, layer, head, **settings)
+    generated = _generation_rows_or_none(trace, layer, row)
+    steps = generation_table(trace, layer, head, **settings) if generated else None
+    kept = table[table.kept]
+    sns.set_theme(style="whitegrid")
+    figure, (votes, heat, mean) = plt.subplots(3, 1, figsize=(12, 8.5), sharex=True, layout="constrained",
+                                               gridspec_kw={"height_ratios": [1, 2, 1]})
+    votes.plot(table.position, table.score, color="#1f77b4", lw=1, label="score (pooled votes)")
+    votes.plot(table.position, table.vote, color="#aec7e8", lw=0.8, label="vote (this head)")
+    votes.scatter(kept.position, kept.score.fillna(0), s=6, color="#d62728", zorder=3, label=f"kept ({len(kept)})")
+    votes.set(ylabel="window votes (log)")
+    votes.legend(fontsize=8, loc="upper left")
+    window_start = int(table.position[table.in_window].min())
+    if generated:
+        attention = generated[0][head].numpy()
+        image = heat.imshow(attention, aspect="auto", interpolation="nearest", cmap="viridis",
+                            extent=(-0.5, len(table) - 0.5, attention.shape[0] - 0.5, -0.5),
+                            vmax=max(float(np.quantile(attention, 0.995)), 1e-6))
+        figure.colorbar(image, ax=[votes, heat, mean], pad=0.01, shrink=0.5, label="attention")
+        heat.set(ylabel=f"generated {generated[1]}")
+        heat.grid(False)
+        mean.plot(table.position, table.generation_mean, color="#2ca02c", lw=1)
+        mean.scatter(kept.position, kept.generation_mean, s=6, color="#d62728", zorder=3)
+    else:
+        heat.text(0.5, 0.5, "no generated rows in this trace", ha="center", transform=heat.transAxes)
+    mean.set(ylabel="generation mean (log)", xlabel="prompt position (grey: observation window)")
+    votes.set_yscale("log")
+    mean.set_yscale("log")
+    for axis in (votes, heat, mean):
+        axis.axvspan(window_start - 0.5, len(table) - 0.5, color="grey", alpha=0.15, lw=0)
+    figure.suptitle(_title(trace, layer, head, budget, table, steps), fontsize=10)
+    return figure
+
+
+def kept_attention_figure(table: pd.DataFrame, budget: int):
+    """Heatmap layer x head of `kept_attention_table`'s kept_share (plotly)."""
+    import plotly.express as px
+
+    grid = table.pivot(index="layer", columns="head", values="kept_share")
+    return px.imshow(grid, color_continuous_scale="Viridis", zmin=0, zmax=1, aspect="auto",
+                     labels={"color": "kept share", "x": "head", "y": "layer"},
+                     title=f"Share of generation's prompt attention on the positions budget {budget} keeps")
+
+
+def default_layer(trace: Trace) -> int:
+    """A middle recorded layer."""
+    layers = trace.layers
+    return layers[len(layers) // 2]
+
+
+def default_budget(trace: Trace, row: int = 0) -> int:
+    """A budget that keeps about a quarter of the prompt (at least the window + 16)."""
+    n = int(trace.prompt_lengths[row])
+    return max(trace.metadata["window_size"] + 16, int(math.ceil(n / 4)))

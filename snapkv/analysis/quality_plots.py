@@ -1,0 +1,191 @@
+"""Figures of the long-context quality experiments (snapkv.analysis.quality), one function per figure.
+
+Each takes DataFrames made by `quality` (a tidy table, `summarize_quality`, `retention_table`, `calibrate`)
+and returns a seaborn/matplotlib figure and a plotly figure of the same data.
+"""
+
+import math
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import seaborn as sns
+from plotly.subplots import make_subplots
+
+METHOD_ORDER = ("full", "snapkv", "snapkv-avgpool", "snapkv-nopool", "h2o", "random", "streaming")
+MODE_DASH = {"question-aware": "-", "question-agnostic": "--"}
+PLOTLY_DASH = {"question-aware": "solid", "question-agnostic": "dash"}
+
+
+def _method_rank(name: str) -> int:
+    return METHOD_ORDER.index(name) if name in METHOD_ORDER else len(METHOD_ORDER)
+
+
+def _panel_name(method: str, budget) -> str:
+    return "full cache" if pd.isna(budget) else f"{method} @ {int(budget)}"
+
+
+def _colors(methods) -> dict:
+    palette = sns.color_palette("tab10", len(METHOD_ORDER) + 3)
+    return {m: palette[_method_rank(m) if _method_rank(m) < len(METHOD_ORDER) else len(METHOD_ORDER) + i]
+            for i, m in enumerate(methods)}
+
+
+def _hex(color) -> str:
+    return "#" + "".join(f"{round(c * 255):02x}" for c in color[:3])
+
+
+def needle_heatmap_figure(table: pd.DataFrame, caption: str, mode: str = "question-aware"):
+    """The paper's needle figure: one heatmap per (method, budget), x = context length, y = needle depth,
+    colour = mean score (red 0 to green 1); grey cells were not run (budget >= length)."""
+    part = table[(table["mode"] == mode) & (table.task == "needle")]
+    if part.empty:
+        raise ValueError(f"no needle rows in mode {mode!r}")
+    cells = part.groupby(["method", "budget", "length", "depth"], dropna=False).score.mean().reset_index()
+    panels = sorted({(m, b) for m, b in zip(cells.method, cells.budget)},
+                    key=lambda mb: (_method_rank(mb[0]), -1 if pd.isna(mb[1]) else mb[1]))
+    lengths, depths = sorted(part.length.unique()), sorted(part.depth.unique())
+    grids = []
+    for method, budget in panels:
+        rows = cells[(cells.method == method) & (cells.budget.isna() if pd.isna(budget) else cells.budget == budget)]
+        grid = rows.pivot_table(index="depth", columns="length", values="score", aggfunc="mean", dropna=False)
+        grids.append(grid.reindex(index=depths, columns=lengths))
+    columns = min(4, len(panels))
+    rows_n = math.ceil(len(panels) / columns)
+    sns.set_theme(style="white")
+    fig, axes = plt.subplots(rows_n, columns, figsize=(3.4 * columns + 1, 2.9 * rows_n + 0.6), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    cmap = sns.color_palette("RdYlGn", as_cmap=True).with_extremes(bad="#d9d9d9")
+    for ax, (method, budget), grid in zip(axes.flat, panels, grids):
+        sns.heatmap(grid, ax=ax, cmap=cmap, vmin=0, vmax=1, cbar=False, annot=grid.shape[0] * grid.shape[1] <= 60,
+                    fmt=".1f", annot_kws={"fontsize": 7}, linewidths=0.3, linecolor="white")
+        mean = float(np.nanmean(grid.values)) if np.isfinite(grid.values).any() else float("nan")
+        ax.set_title(f"{_panel_name(method, budget)}  (mean {mean:.2f})", fontsize=9)
+        ax.set_xlabel("context length (tokens)", fontsize=8)
+        ax.set_ylabel("needle depth", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.colorbar(plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 1)), ax=axes.ravel().tolist(),
+                 shrink=0.6, label="score")
+    fig.suptitle(f"Needle in a haystack, {mode} ({caption})", fontsize=11)
+
+    interactive = make_subplots(rows=rows_n, cols=columns, subplot_titles=[_panel_name(*p) for p in panels],
+                                horizontal_spacing=0.04, vertical_spacing=0.12)
+    for i, grid in enumerate(grids):
+        interactive.add_trace(go.Heatmap(z=grid.values, x=[str(x) for x in grid.columns],
+                                         y=[f"{y:.0%}" for y in grid.index], coloraxis="coloraxis",
+                                         hovertemplate="length %{x}<br>depth %{y}<br>score %{z:.2f}<extra></extra>"),
+                              row=i // columns + 1, col=i % columns + 1)
+    interactive.update_layout(title=f"Needle in a haystack, {mode} ({caption})",
+                              coloraxis={"colorscale": "RdYlGn", "cmin": 0, "cmax": 1, "colorbar": {"title": "score"}},
+                              height=280 * rows_n + 120)
+    return fig, interactive
+
+
+def accuracy_vs_budget_figure(summary: pd.DataFrame, retention: pd.DataFrame, caption: str):
+    """Score (top row, mean with 95% bootstrap band) and retention relative to the full cache (bottom row)
+    against the budget, one column per task, one colour per method, solid = question-aware, dashed =
+    question-agnostic; the full cache is the dashed grey line of the top row.
+
+    summary: `summarize_quality(table, ["mode", "task", "method", "budget"])`; retention:
+    `retention_table(table, ["mode", "task", "method", "budget"])`.
+    """
+    tasks = sorted(summary.task.unique())
+    methods = sorted((m for m in summary.method.unique() if m != "full"), key=_method_rank)
+    colors = _colors(methods)
+    sns.set_theme(style="whitegrid")
+    fig, axes = plt.subplots(2, len(tasks), figsize=(4.2 * len(tasks), 6.4), sharex=True, squeeze=False)
+    interactive = make_subplots(rows=2, cols=len(tasks), subplot_titles=tasks + [""] * len(tasks), shared_xaxes=True,
+                                vertical_spacing=0.08)
+    budgets = sorted(summary.budget.dropna().unique())
+    for column, task in enumerate(tasks):
+        top, bottom = axes[0][column], axes[1][column]
+        part = summary[summary.task == task]
+        for mode, full in part[part.method == "full"].groupby("mode"):
+            top.axhline(full["mean"].iloc[0], color="grey", linestyle=MODE_DASH.get(mode, ":"), linewidth=1,
+                        label=f"full cache ({mode})")
+            interactive.add_trace(go.Scatter(x=budgets, y=[full["mean"].iloc[0]] * len(budgets), mode="lines",
+                                             line={"color": "grey", "dash": PLOTLY_DASH.get(mode, "dot")},
+                                             name=f"full ({mode})", legendgroup=f"full {mode}",
+                                             showlegend=column == 0), row=1, col=column + 1)
+        for (method, mode), group in part[part.method != "full"].groupby(["method", "mode"]):
+            group = group.sort_values("budget")
+            x = group.budget.astype(float)
+            top.plot(x, group["mean"], marker="o", markersize=3, color=colors[method],
+                     linestyle=MODE_DASH.get(mode, ":"), label=f"{method} ({mode})")
+            top.fill_between(x, group.ci_low, group.ci_high, color=colors[method], alpha=0.12)
+            interactive.add_trace(go.Scatter(
+                x=x, y=group["mean"], mode="lines+markers", name=f"{method} ({mode})", legendgroup=f"{method} {mode}",
+                showlegend=column == 0, line={"color": _hex(colors[method]), "dash": PLOTLY_DASH.get(mode, "dot")},
+                error_y={"type": "data", "symmetric": False, "array": group.ci_high - group["mean"],
+                         "arrayminus": group["mean"] - group.ci_low}), row=1, col=column + 1)
+        kept = retention[retention.task == task]
+        for (method, mode), group in kept.groupby(["method", "mode"]):
+            group = group.sort_values("budget")
+            x = group.budget.astype(float)
+            bottom.plot(x, group.retention, marker="o", markersize=3, color=colors[method],
+                        linestyle=MODE_DASH.get(mode, ":"))
+            interactive.add_trace(go.Scatter(x=x, y=group.retention, mode="lines+markers", showlegend=False,
+                                             legendgroup=f"{method} {mode}",
+                                             line={"color": _hex(colors[method]),
+                                                   "dash": PLOTLY_DASH.get(mode, "dot")}),
+                                  row=2, col=column + 1)
+        bottom.axhline(1.0, color="grey", linewidth=1)
+        top.set(title=task, ylabel="score" if column == 0 else "", ylim=(-0.02, 1.02))
+        bottom.set(xlabel="budget (prompt tokens kept)", ylabel="retention vs full" if column == 0 else "")
+        for ax in (top, bottom):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(budgets, [str(int(b)) for b in budgets])
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"Accuracy against budget ({caption})", fontsize=11)
+    fig.tight_layout()
+    interactive.update_xaxes(type="log")
+    interactive.update_yaxes(title_text="score", row=1, col=1)
+    interactive.update_yaxes(title_text="retention vs full", row=2, col=1)
+    interactive.update_layout(title=f"Accuracy against budget ({caption})", height=650)
+    return fig, interactive
+
+
+def pooling_ablation_figure(summary: pd.DataFrame, caption: str):
+    """Pooling ablation: needle score against context length for SnapKV with maxpool, avgpool and no pooling
+    at one budget (mean with 95% bootstrap band). summary: `summarize_quality(rows, ["pooling", "length"])`."""
+    sns.set_theme(style="whitegrid")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    palette = dict(zip(("maxpool", "avgpool", "none"), sns.color_palette("viridis", 3)))
+    interactive = go.Figure()
+    for pooling, group in summary.groupby("pooling", sort=True):
+        group = group.sort_values("length")
+        color = palette.get(pooling, "black")
+        ax.plot(group.length, group["mean"], marker="o", color=color, label=pooling)
+        ax.fill_between(group.length, group.ci_low, group.ci_high, color=color, alpha=0.2)
+        interactive.add_trace(go.Scatter(x=group.length, y=group["mean"], mode="lines+markers", name=pooling,
+                                         error_y={"type": "data", "symmetric": False,
+                                                  "array": group.ci_high - group["mean"],
+                                                  "arrayminus": group["mean"] - group.ci_low}))
+    ax.set(xlabel="context length (tokens)", ylabel="needle score", ylim=(-0.02, 1.02),
+           title=f"SnapKV pooling ablation ({caption})")
+    ax.legend(title="pooling")
+    fig.tight_layout()
+    interactive.update_layout(title=f"SnapKV pooling ablation ({caption})", xaxis_title="context length (tokens)",
+                              yaxis_title="needle score", yaxis_range=[-0.02, 1.02])
+    return fig, interactive
+
+
+def calibration_figure(calibration: pd.DataFrame, caption: str, threshold: float):
+    """Full-cache score per task and length; cells below `threshold` (dropped formats) are hatched/marked."""
+    grid = calibration.pivot_table(index="task", columns="length", values="full_score", aggfunc="mean")
+    sns.set_theme(style="white")
+    fig, ax = plt.subplots(figsize=(1.2 * grid.shape[1] + 3, 0.6 * grid.shape[0] + 1.8))
+    labels = grid.map(lambda v: "" if pd.isna(v) else f"{v:.2f}" + ("" if v >= threshold else "\ndropped"))
+    sns.heatmap(grid, ax=ax, cmap="RdYlGn", vmin=0, vmax=1, annot=labels, fmt="", annot_kws={"fontsize": 8},
+                cbar_kws={"label": "full-cache score"}, linewidths=0.5, linecolor="white")
+    ax.set(title=f"Calibration: full cache, threshold {threshold} ({caption})", xlabel="context length (tokens)",
+           ylabel="task")
+    fig.tight_layout()
+    interactive = go.Figure(go.Heatmap(z=grid.values, x=[str(c) for c in grid.columns], y=list(grid.index), zmin=0,
+                                       zmax=1, colorscale="RdYlGn", text=labels.values, texttemplate="%{text}",
+                                       colorbar={"title": "full-cache score"}))
+    interactive.update_layout(title=f"Calibration: full cache, threshold {threshold} ({caption})",
+                              xaxis_title="context length (tokens)", yaxis_title="task")
+    return fig, interactive

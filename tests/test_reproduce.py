@@ -1,0 +1,244 @@
+"""`snapkv reproduce`: resumable parts, failure isolation, and the index page, on tiny dummy notebooks and
+benchmark scripts (no model)."""
+
+import json
+import sys
+import textwrap
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_notebook
+
+from snapkv import cli
+from snapkv.analysis.notebooks import read_run_record
+from snapkv.analysis.reproduce import Benchmark, default_benchmarks, reproduce, write_index
+
+KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
+
+# writes figures/NAME.{json,png,csv,html} the way save_result lays them out, without importing torch
+WRITE_FIGURE = """
+import json
+from pathlib import Path
+figures = Path(reports_dir) / "figures"
+figures.mkdir(parents=True, exist_ok=True)
+name = {name!r}
+(figures / f"{{name}}.json").write_text(json.dumps({{"name": name, "settings": {{"quick": quick, "steps": 3}},
+    "environment": {{"model_id": "dummy-model", "date": "2026-01-01"}}, "rows": 2}}))
+(figures / f"{{name}}.png").write_bytes(b"\\x89PNG\\r\\n\\x1a\\n")
+(figures / f"{{name}}.csv").write_text("a,b\\n1,2\\n")
+(figures / f"{{name}}.html").write_text("<html></html>")
+"""
+
+
+def write_notebook(path, *sources, parameters="quick = False\nreports_dir = '.'"):
+    cells = [new_code_cell(parameters, metadata={"tags": ["parameters"]})]
+    cells += [new_code_cell(source) for source in sources]
+    nbformat.write(new_notebook(cells=cells, metadata={"kernelspec": KERNELSPEC}), path)
+
+
+def write_benchmark(folder, name, body):
+    """A benchmark script taking --out and --quick, whose body sees `out` (a Path) and `quick`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / f"{name}.py"
+    script.write_text("import argparse, json\nfrom pathlib import Path\n"
+                      "parser = argparse.ArgumentParser()\nparser.add_argument('--out')\n"
+                      "parser.add_argument('--quick', action='store_true')\nargs = parser.parse_args()\n"
+                      "out, quick = Path(args.out), args.quick\nout.mkdir(parents=True, exist_ok=True)\n"
+                      + textwrap.dedent(body))
+    return script
+
+
+GOOD_BENCHMARK = """
+print("measuring", quick)
+(out / "bench.json").write_text(json.dumps({"complete": True, "settings": {"quick": quick}, "rows": []}))
+(out / "bench.png").write_bytes(b"\\x89PNG\\r\\n\\x1a\\n")
+"""
+BAD_BENCHMARK = """
+print("about to fail")
+raise SystemExit("benchmark exploded")
+"""
+
+
+@pytest.fixture
+def folders(tmp_path):
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    return notebooks, tmp_path / "reports"
+
+
+def mtimes(out, *names):
+    return {name: (out / name).stat().st_mtime_ns for name in names}
+
+
+def test_second_run_skips_finished_parts_and_force_reruns(folders, tmp_path):
+    notebooks, out = folders
+    write_notebook(notebooks / "01_first.ipynb", WRITE_FIGURE.format(name="01_first"))
+    write_notebook(notebooks / "02_second.ipynb", "print('second')")
+    bench = Benchmark("bench", write_benchmark(tmp_path / "benchmarks", "bench", GOOD_BENCHMARK),
+                      ("bench.json", "bench.png"))
+
+    first = reproduce(out, notebook_dir=notebooks, quick=True, benchmarks=[bench], progress=False)
+    assert first.status.tolist() == ["ok", "ok", "ok"]
+    assert first.part.tolist() == ["01_first.ipynb", "02_second.ipynb", "bench"]
+    outputs = ("01_first.ipynb", "02_second.ipynb", "benchmarks/bench.json")
+    before = mtimes(out, *outputs)
+
+    second = reproduce(out, notebook_dir=notebooks, quick=True, benchmarks=[bench], progress=False)
+    assert second.status.tolist() == ["skipped", "skipped", "skipped"]
+    assert mtimes(out, *outputs) == before
+
+    # other parameters, or a changed source, make a part unfinished again
+    write_notebook(notebooks / "02_second.ipynb", "print('second, edited')")
+    third = reproduce(out, notebook_dir=notebooks, quick=True, benchmarks=[bench], progress=False)
+    assert third.status.tolist() == ["skipped", "ok", "skipped"]
+    assert "second, edited" in (out / "02_second.html").read_text()
+
+    forced = reproduce(out, notebook_dir=notebooks, quick=True, benchmarks=[bench], force=True, progress=False)
+    assert forced.status.tolist() == ["ok", "ok", "ok"]
+    after = mtimes(out, *outputs)
+    assert all(after[name] > before[name] for name in outputs)
+
+    full = reproduce(out, notebook_dir=notebooks, quick=False, benchmarks=[bench], progress=False)
+    assert full.status.tolist() == ["ok", "ok", "ok"]  # quick=False is another parameter set
+    record = read_run_record(out)
+    assert record["notebooks"]["01_first.ipynb"]["parameters"]["quick"] is False
+    assert record["benchmarks"]["bench"]["parameters"]["quick"] is False
+
+
+def test_an_incomplete_benchmark_output_is_not_finished(folders, tmp_path):
+    notebooks, out = folders
+    write_notebook(notebooks / "01_only.ipynb", "print('only')")
+    bench = Benchmark("bench", write_benchmark(tmp_path / "benchmarks", "bench", GOOD_BENCHMARK),
+                      ("bench.json", "bench.png"))
+    assert reproduce(out, notebook_dir=notebooks, benchmarks=[bench], progress=False).status.tolist() == ["ok"] * 2
+    (out / "benchmarks" / "bench.json").write_text(json.dumps({"complete": False}))  # e.g. interrupted
+    again = reproduce(out, notebook_dir=notebooks, benchmarks=[bench], progress=False)
+    assert again.status.tolist() == ["skipped", "ok"]
+    assert json.loads((out / "benchmarks" / "bench.json").read_text())["complete"] is True
+
+
+def test_a_failing_part_is_reported_and_the_others_keep_their_outputs(folders, tmp_path, capsys):
+    notebooks, out = folders
+    write_notebook(notebooks / "01_ok.ipynb", WRITE_FIGURE.format(name="01_ok"))
+    write_notebook(notebooks / "02_broken.ipynb", "raise ValueError('boom in the notebook')")
+    write_notebook(notebooks / "03_after.ipynb", WRITE_FIGURE.format(name="03_after"))
+    write_benchmark(tmp_path / "benchmarks", "speed_memory", BAD_BENCHMARK)
+
+    argv = ["reproduce", "--quick", "--notebooks", str(notebooks), "--out", str(out)]
+    assert cli.main(argv) == 1
+    captured = capsys.readouterr()
+    assert "02_broken.ipynb" in captured.err and "boom in the notebook" in captured.err
+    assert "speed_memory" in captured.err and "benchmark exploded" in captured.err
+    for name in ("01_ok.ipynb", "01_ok.html", "03_after.ipynb", "figures/01_ok.json", "figures/03_after.json",
+                 "02_broken.ipynb", "02_broken.html", "benchmarks/speed_memory.log"):
+        assert (out / name).is_file(), name
+
+    page = (out / "index.html").read_text()
+    assert "boom in the notebook" in page and "benchmark exploded" in page
+    assert page.count("class='failed'>failed") >= 2
+    record = read_run_record(out)
+    assert record["notebooks"]["02_broken.ipynb"]["status"] == "failed"
+    assert record["notebooks"]["03_after.ipynb"]["status"] == "ok"
+
+    # fix the notebook: the rerun does only what failed, and removes nothing
+    write_notebook(notebooks / "02_broken.ipynb", "print('fixed')")
+    before = mtimes(out, "01_ok.ipynb", "03_after.ipynb")
+    assert cli.main(argv + ["--no-benchmarks"]) == 0
+    assert mtimes(out, "01_ok.ipynb", "03_after.ipynb") == before
+    page = (out / "index.html").read_text()
+    assert "boom in the notebook" not in page
+    assert "benchmark exploded" in page  # the benchmark was not rerun: its last result stays on the page
+
+
+def test_index_lists_every_figure_json_with_its_files_and_environment(folders):
+    notebooks, out = folders
+    write_notebook(notebooks / "01_figs.ipynb", WRITE_FIGURE.format(name="01_figs"),
+                   WRITE_FIGURE.format(name="01_figs_extra"))
+    reproduce(out, notebook_dir=notebooks, benchmarks=[], progress=False)
+    figures = out / "figures"
+    # a figure from elsewhere, a figure without a PNG, and a PNG saved without settings
+    (figures / "42_other.json").write_text(json.dumps({"name": "42_other", "settings": {"budget": 1024},
+                                                       "environment": {"model_id": "another-model"}}))
+    (figures / "42_other.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (figures / "43_no_png.json").write_text(json.dumps({"name": "43_no_png", "settings": {}}))
+    (figures / "01_loose.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    page = write_index(out).read_text()
+
+    for path in figures.glob("*.json"):
+        name = path.stem
+        assert f"id='figure-{name.replace('_', '-')}'" in page, name
+        assert f"href='figures/{name}.json'" in page, name
+    for name in ("01_figs", "01_figs_extra"):
+        for kind in ("png", "html", "csv"):
+            assert f"figures/{name}.{kind}" in page
+        assert f"<img src='figures/{name}.png'" in page
+    assert "<img src='figures/42_other.png'" in page and "<img src='figures/01_loose.png'" in page
+    assert "No settings JSON" in page
+    assert "figures/43_no_png.png" not in page
+    assert "<code>budget</code>" in page and "1024" in page  # settings are shown
+    assert "dummy-model" in page and "another-model" in page  # models, from the figures' environment
+    for word in ("Environment", "torch", "transformers", "CPU", "GPU", "01_figs.ipynb", "notebooks.json"):
+        assert word in page, word
+
+
+def test_model_name_reaches_only_the_notebooks_that_declare_it(folders):
+    notebooks, out = folders
+    write_notebook(notebooks / "01_declares.ipynb", "assert model_name == 'tiny-model', model_name",
+                   parameters="quick = False\nreports_dir = '.'\nmodel_name = None")
+    write_notebook(notebooks / "02_does_not.ipynb", "assert 'model_name' not in globals()")
+    parts = reproduce(out, notebook_dir=notebooks, model_name="tiny-model", benchmarks=[], progress=False)
+    assert parts.status.tolist() == ["ok", "ok"], parts.error.tolist()
+    assert "interactive" not in read_run_record(out)["notebooks"]["01_declares.ipynb"]["parameters"]
+    assert "tiny-model" in (out / "index.html").read_text()
+    # a different model is a different parameter set for the declaring notebook only
+    parts = reproduce(out, notebook_dir=notebooks, model_name="other", benchmarks=[], progress=False)
+    assert parts.status.tolist() == ["failed", "skipped"]
+
+
+def test_benchmarks_are_found_next_to_the_notebooks_and_cuda_ones_wait_for_a_gpu(folders, tmp_path, monkeypatch):
+    notebooks, out = folders
+    folder = tmp_path / "benchmarks"
+    write_benchmark(folder, "speed_memory", GOOD_BENCHMARK.replace("bench.", "speed_memory."))
+    write_benchmark(folder, "gpu_scale", GOOD_BENCHMARK.replace("bench.", "gpu_scale."))
+    write_benchmark(folder, "unrelated", BAD_BENCHMARK)
+    assert [b.name for b in default_benchmarks(folder)] == ["speed_memory", "gpu_scale"]
+    write_notebook(notebooks / "01_only.ipynb", "print(1)")
+
+    monkeypatch.setattr("snapkv.analysis.reproduce._cuda_available", lambda: False)
+    parts = reproduce(out, notebook_dir=notebooks, quick=True, progress=False)
+    assert parts.set_index("part").status.to_dict() == {"01_only.ipynb": "ok", "speed_memory": "ok",
+                                                        "gpu_scale": "not run"}
+    assert "measuring True" in (out / "benchmarks" / "speed_memory.log").read_text()  # --quick was passed
+    assert "needs a CUDA device" in (out / "index.html").read_text()
+
+    monkeypatch.setattr("snapkv.analysis.reproduce._cuda_available", lambda: True)
+    parts = reproduce(out, notebook_dir=notebooks, quick=True, progress=False)
+    assert parts.set_index("part").status.to_dict() == {"01_only.ipynb": "skipped", "speed_memory": "skipped",
+                                                        "gpu_scale": "ok"}
+
+
+def test_cli_rejects_a_benchmark_folder_without_known_scripts(folders, tmp_path, capsys):
+    notebooks, out = folders
+    write_notebook(notebooks / "01_only.ipynb", "print(1)")
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["reproduce", "--notebooks", str(notebooks), "--out", str(out),
+                     "--benchmarks", str(tmp_path / "empty")]) == 1
+    assert "no known benchmark script" in capsys.readouterr().err
+
+
+def test_benchmark_command_passes_out_and_quick(tmp_path):
+    bench = Benchmark("b", tmp_path / "b.py", ("b.json",))
+    assert bench.command(tmp_path / "o", quick=True) == [sys.executable, str(tmp_path / "b.py"), "--out",
+                                                         str(tmp_path / "o"), "--quick"]
+    assert "--quick" not in bench.command(tmp_path / "o", quick=False)
+
+
+def test_headless_runs_tell_interactive_notebooks_and_a_stuck_cell_times_out(folders):
+    notebooks, out = folders
+    write_notebook(notebooks / "01_widgets.ipynb", "assert interactive is False",
+                   parameters="quick = False\nreports_dir = '.'\ninteractive = True")
+    write_notebook(notebooks / "02_stuck.ipynb", "import time\ntime.sleep(60)")
+    write_notebook(notebooks / "03_after.ipynb", "print('still runs')")
+    parts = reproduce(out, notebook_dir=notebooks, benchmarks=[], execution_timeout=3, progress=False)
+    assert parts.status.tolist() == ["ok", "failed", "ok"], parts.error.tolist()
+    assert "Timeout" in parts.error[1] or "timed out" in parts.error[1].lower()

@@ -1,0 +1,175 @@
+"""`snapkv.analysis.speed` on a tiny model, and `benchmarks/gpu_scale.py --device cpu --tiny` (no real model)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from tiny_models import tiny_model  # noqa: E402
+
+import snapkv  # noqa: E402
+from snapkv.analysis import speed  # noqa: E402
+
+GPU_SCALE = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_scale.py"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class CharTokenizer:
+    """Enough of a tokenizer for `speed.prompt_ids`: one token per character."""
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=False):
+        ids = torch.tensor([[ord(c) % 120 + 1 for c in text]])
+        return type("Encoding", (), {"input_ids": ids})()
+
+
+def test_chunk_bounds_never_end_on_a_single_token():
+    assert speed.chunk_bounds(0, 10, 3) == [(0, 3), (3, 6), (6, 8), (8, 10)]
+    assert speed.chunk_bounds(0, 10, None) == [(0, 10)]
+    assert speed.chunk_bounds(4, 12, 4) == [(4, 8), (8, 12)]
+    assert speed.chunk_bounds(5, 5, 4) == []
+
+
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_decode_speed_measures_the_cache_it_decoded_with(chunk):
+    model = tiny_model("llama")
+    config = model.config
+    ids = torch.randint(1, 128, (2, 70), generator=torch.Generator().manual_seed(0))
+    per_slot = config.num_hidden_layers * 2 * config.num_key_value_heads * (config.hidden_size // 4) * 4
+    full = speed.decode_speed(model, ids, snapkv.FullCache(), decode_tokens=3, prefill_chunk_size=chunk)
+    assert full["kv_slots_layer0"] == 70 + 4  # prompt + first step + 3 timed steps
+    assert full["kv_cache_mib"] * 2**20 == 2 * per_slot * 74
+    assert full["kv_bytes_per_slot"] == per_slot
+    assert full["decode_tokens"] == 3 and full["decode_ms_per_token"] > 0 and full["status"] == "ok"
+    assert full["weights_mib"] * 2**20 == speed.model_bytes(model)
+    assert full["chunked"] is (chunk is not None) and full["peak_memory_mib"] is None  # CPU
+
+    policy = snapkv.SnapKV(window_size=8, max_capacity_prompt=24, kernel_size=3)
+    snap = speed.decode_speed(model, ids, policy, decode_tokens=3, prefill_chunk_size=chunk)
+    assert (snap["method"], snap["budget"]) == ("SnapKV", 24)
+    assert snap["kv_slots_layer0"] == 24 + 4
+    assert snap["kv_cache_mib"] * 2**20 == 2 * per_slot * 28
+
+
+def test_a_shared_prefix_gives_the_same_cache_as_a_whole_prefill():
+    model = tiny_model("llama")
+    ids = torch.randint(1, 128, (1, 60), generator=torch.Generator().manual_seed(0))
+    prefix = speed._new_cache(model)
+    with torch.inference_mode():
+        speed.prefill(model, ids[:, :40], prefix)
+    copied = speed.copy_cache(model, prefix, batch_size=3)
+    assert copied.layers[0].keys.shape[0] == 3 and copied.get_seq_length() == 40
+    policy = snapkv.SnapKV(window_size=8, max_capacity_prompt=24, kernel_size=3)
+    row = speed.decode_speed(model, ids.expand(3, -1), policy, decode_tokens=2, cache=copied)
+    assert row["prefilled_tokens"] == 20 and row["batch_size"] == 3 and row["kv_slots_layer0"] == 24 + 3
+
+
+def test_table_extrapolation_and_figure():
+    model = tiny_model("llama")
+    table = speed.speed_memory_table(model, CharTokenizer(), prompt_lengths=[48, 96], budgets=[24, 64],
+                                     batch_sizes=[1, 2], decode_tokens=2, window_size=8, kernel_size=3,
+                                     progress=False)
+    configs = set(zip(table.method, table.budget.fillna(0).astype(int), table.batch_size, table.prompt_len))
+    assert configs == {(m, b, batch, n) for batch in (1, 2) for n in (48, 96)
+                       for m, b in [("FullCache", 0), ("SnapKV", 24), ("SnapKV", 64)] if b < n}
+    assert set(speed.ROW_FIELDS) <= set(table.columns) and (table.status == "ok").all()
+
+    lengths = [48, 96, 192, 100_000]
+    extrapolated = speed.memory_extrapolation(table, lengths)
+    full = table[(table.method == "FullCache") & (table.batch_size == 2) & (table.prompt_len == 96)].iloc[0]
+    predicted = extrapolated[(extrapolated.config == "FullCache") & (extrapolated.batch_size == 2)
+                             & (extrapolated.prompt_len == 96)].iloc[0]
+    assert predicted.memory_gib * 1024 == pytest.approx(full.memory_mib)  # reproduces what was measured
+    snap = extrapolated[(extrapolated.config == "SnapKV 24") & (extrapolated.batch_size == 1)]
+    assert snap.kv_cache_gib.nunique() == 1  # a compressed cache does not grow with the prompt
+    grows = extrapolated[(extrapolated.config == "FullCache") & (extrapolated.batch_size == 1)].kv_cache_gib
+    assert grows.is_monotonic_increasing and grows.iloc[-1] > 100 * grows.iloc[0]
+
+    limit = (full.weights_mib + 0.5 * full.kv_cache_mib) / 1024  # room for about half this cache
+    longest = speed.longest_prompt_within(table, limit).set_index("batch_size").longest_prompt
+    assert 0 < longest[2] < 96 and longest[1] > longest[2]
+    assert speed.longest_prompt_within(table, full.weights_mib / 2048).longest_prompt.isna().all()
+
+    figure, interactive = speed.speed_memory_figure(table, extrapolated, memory_limit_gib=limit, caption="tiny")
+    assert len(figure.axes) == 4  # 2 rows x 2 batch sizes
+    assert len(interactive.data) == 3 * 3 * 2  # 3 configs x (speed, extrapolated, measured) x 2 batch sizes
+    assert any(shape.y0 == limit for shape in interactive.layout.shapes)
+
+
+def test_prompt_ids_are_real_text_of_the_requested_length():
+    ids = speed.prompt_ids(CharTokenizer(), 500)
+    assert ids.shape == (1, 500)
+    with pytest.raises(ValueError, match="tail"):
+        speed.speed_memory_table(tiny_model(), CharTokenizer(), prompt_lengths=[8], window_size=8, progress=False)
+
+
+# -- benchmarks/gpu_scale.py -----------------------------------------------------------------------
+def load_gpu_scale():
+    spec = importlib.util.spec_from_file_location("gpu_scale", GPU_SCALE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_scale_runs_on_cpu_with_a_tiny_model(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(GPU_SCALE), "--device", "cpu", "--tiny", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, check=False, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "gpu_scale.json").read_text())
+    assert results["complete"] is True
+    assert {"complete", "settings", "environment", "rows"} <= results.keys()  # speed_memory.json's schema
+    assert "random" in results["environment"]["weights"] and results["environment"]["device"] == "cpu"
+    rows = pd.DataFrame(results["rows"])
+    assert set(rows.prompt_len) == {64, 128} and set(rows.batch_size) == {1, 2}
+    assert set(rows.method) == {"FullCache", "SnapKV"} and (rows.status == "ok").all()
+    assert {"method", "budget", "prompt_len", "prefill_s", "first_step_s", "decode_ms_per_token", "kv_cache_mib",
+            "peak_rss_mib", "chunked"} <= set(rows.columns)
+    snap = rows[(rows.method == "SnapKV") & (rows.prompt_len == 128)]
+    full = rows[(rows.method == "FullCache") & (rows.prompt_len == 128)]
+    assert (snap.kv_cache_mib.to_numpy() < full.kv_cache_mib.to_numpy()).all()
+    assert (tmp_path / "gpu_scale.png").stat().st_size > 0
+    assert "decode" in done.stdout  # one printed line per configuration
+
+
+def test_gpu_scale_records_out_of_memory_and_stops_doubling():
+    gpu_scale = load_gpu_scale()
+    model = tiny_model("llama")
+    settings = {"start_length": 64, "max_length": 1024, "budget": 48, "batch_sizes": [1, 2], "decode_tokens": 2,
+                "prefill_chunk_size": 32}
+    tried = []
+
+    def measure(model, ids, policy, **kwargs):
+        batch, n = ids.shape
+        tried.append((type(policy).__name__, batch, n))
+        if n * batch >= 256 and type(policy).__name__ == "FullCache" or n >= 256:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return {"method": type(policy).__name__, "budget": getattr(policy, "max_capacity_prompt", None),
+                "batch_size": batch, "prompt_len": n, "status": "ok"}
+
+    rows = gpu_scale.run_grid(model, settings, lambda row: None, measure=measure)
+    status = {(r["method"], r["batch_size"], r["prompt_len"]): r["status"] for r in rows}
+    assert status[("FullCache", 2, 128)] == "oom" and status[("SnapKV", 2, 128)] == "ok"
+    assert status[("SnapKV", 1, 256)] == "oom" and status[("SnapKV", 2, 256)] == "oom"
+    assert max(n for _, _, n in status) == 256  # SnapKV ran out of memory at every batch: no 512
+    assert ("FullCache", 2, 256) not in tried  # known to run out of memory already
+    not_tried = next(r for r in rows if (r["method"], r["batch_size"], r["prompt_len"]) == ("FullCache", 2, 256))
+    assert "not tried" in not_tried["error"]
+    assert gpu_scale.is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory"))
+    assert not gpu_scale.is_out_of_memory(ValueError("other"))
+    assert gpu_scale.prompt_lengths(4096, 131072) == [4096, 8192, 16384, 32768, 65536, 131072]
