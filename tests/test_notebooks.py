@@ -1,23 +1,32 @@
-"""Every notebook runs headless in quick mode and writes its figures."""
+"""The main job end to end in quick mode: every notebook and the CPU benchmark, then the index page."""
 
 import json
 
 import pytest
 
-from snapkv.analysis.notebooks import run_notebooks
+from snapkv.analysis.reproduce import reproduce
 
 pytestmark = pytest.mark.slow
 
+FIGURES = ("01_hit_rate_along_generation", "01_observation_metrics", "01_sensitivity", "02_windows_along_prompt",
+           "03_questions_same_document", "04_question_position", "05_heads", "05_voting_variants")
 
-def test_all_notebooks_run_in_quick_mode(tmp_path):
-    runs = run_notebooks("notebooks", tmp_path, quick=True)
-    assert (runs.status == "ok").all(), runs[["notebook", "status", "error"]]
+
+def test_reproduce_quick_end_to_end(tmp_path):
+    runs = reproduce(tmp_path, quick=True, progress=False)
+    assert (runs.status == "ok").all(), runs[["part", "status", "error"]].to_string()
     figures = tmp_path / "figures"
-    for name in ("01_hit_rate_along_generation", "02_windows_along_prompt", "03_questions_same_document",
-                 "04_question_position", "05_heads", "05_voting_variants"):
+    for name in FIGURES:
         for kind in ("png", "html", "csv", "json"):
             assert (figures / f"{name}.{kind}").stat().st_size > 0, f"{name}.{kind}"
-        settings = json.loads((figures / f"{name}.json").read_text())
-        assert settings["environment"]["model_id"] == "SmolLM2-135M-Instruct"
-        assert settings["settings"]["n_samples"] >= 1
-    assert (tmp_path / "01_hit_rate_along_generation.html").exists()
+        record = json.loads((figures / f"{name}.json").read_text())
+        assert record["environment"]["model_id"] == "SmolLM2-135M-Instruct"
+        assert record["settings"]["n_samples"] >= 1
+    index = (tmp_path / "index.html").read_text()
+    assert all(f"{name}.png" in index for name in FIGURES)
+
+    results = json.loads((tmp_path / "benchmarks" / "speed_memory.json").read_text())
+    kv = {(row["method"], row["budget"], row["prompt_len"]): row["kv_cache_mib"] for row in results["rows"]}
+    for n in (1024, 2048):
+        assert kv[("SnapKV", 256, n)] < kv[("SnapKV", 512, n)] < kv[("FullCache", None, n)]
+    assert kv[("SnapKV", 256, 1024)] == pytest.approx(kv[("SnapKV", 256, 2048)])  # does not grow with the prompt
