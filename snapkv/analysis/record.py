@@ -16,12 +16,12 @@ that the prompt length is not 1 more than a multiple of it.
 """
 
 import contextlib
-import datetime
 import math
 from dataclasses import dataclass, field
 
 import torch
 
+from snapkv.analysis.results import environment
 from snapkv.analysis.trace import FORMAT_VERSION, REDUCERS, Trace
 from snapkv.core.compress import CompressionSession, attach
 from snapkv.core.hook import ACTIVE_TAPS, AttentionCall
@@ -549,7 +549,7 @@ class Recorder:
             text = [self.tokenizer.decode(row[pad:].tolist()) for row, pad in zip(ids, pads)]
         mode = "teacher_forced" if self.teacher_forced_prompt_length is not None else (
             "generate" if prompt.complete else "forward")
-        metadata = _environment(self.model) | {
+        metadata = environment(self.model) | {
             "format_version": FORMAT_VERSION,
             "mode": mode,
             "tokenizer": getattr(self.tokenizer, "name_or_path", None) if self.tokenizer is not None else None,
@@ -570,24 +570,6 @@ class Recorder:
             "tensor_names": sorted(tensors),
         }
         return Trace(tensors, metadata)
-
-
-def _environment(model) -> dict:
-    import transformers
-
-    import snapkv
-
-    parameter = next(model.parameters(), None)
-    return {
-        "model_id": getattr(model.config, "_name_or_path", None) or None,
-        "model_type": getattr(model.config, "model_type", None),
-        "dtype": str(parameter.dtype).removeprefix("torch.") if parameter is not None else None,
-        "device": str(parameter.device) if parameter is not None else None,
-        "torch_version": torch.__version__,
-        "transformers_version": transformers.__version__,
-        "snapkv_version": snapkv.__version__,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
 
 
 def _active_policy() -> str | None:
