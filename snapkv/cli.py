@@ -118,8 +118,6 @@ def main(argv=None) -> int:
         return 1
 
 
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 # -- long-context quality: `snapkv needle` and `snapkv tasks` ---------------------------------------------------
@@ -329,3 +327,7 @@ def _tasks(args) -> int:
 
 
 COMMANDS += [add_needle_command, add_tasks_command]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
