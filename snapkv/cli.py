@@ -118,8 +118,6 @@ def main(argv=None) -> int:
         return 1
 
 
-
-
 # -- long-context quality: `snapkv needle` and `snapkv tasks` ---------------------------------------------------
 
 
