@@ -13,8 +13,10 @@ FIGURES = ("01_hit_rate_along_generation", "01_observation_metrics", "01_sensiti
 
 
 def test_reproduce_quick_end_to_end(tmp_path):
-    runs = reproduce(tmp_path, quick=True, progress=False)
-    assert (runs.status == "ok").all(), runs[["part", "status", "error"]].to_string()
+    runs = reproduce(tmp_path, quick=True, progress=False).set_index("part")
+    waiting = runs.status == "not run"  # the GPU benchmark, on a machine without CUDA
+    assert list(runs.index[waiting]) == ["gpu_scale"], runs[["status", "error"]].to_string()
+    assert (runs.status[~waiting] == "ok").all(), runs[["status", "error"]].to_string()
     figures = tmp_path / "figures"
     for name in FIGURES:
         for kind in ("png", "html", "csv", "json"):
