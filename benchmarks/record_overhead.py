@@ -15,7 +15,6 @@ Run: python benchmarks/record_overhead.py [--repeats 3] [--out reports/benchmark
 """
 
 import argparse
-import datetime
 import inspect
 import json
 import multiprocessing
@@ -114,9 +113,11 @@ def overhead_run(prompt_tokens: int, new_tokens: int, repeats: int, window_size:
                 if mode == "plain":
                     out = model.generate(ids, **generate)
                 else:
+                    trace = None  # let the previous trace go before recording the next one
                     with snapkv.record(model, window_size=window_size, max_new_tokens=new_tokens) as rec:
                         out = model.generate(ids, **generate)
                     trace = rec.trace
+                    del rec
                 runs[mode].append({"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu,
                                    **clock.split()})
                 sequences.setdefault(mode, out)
@@ -191,22 +192,11 @@ def long_prompt_run(prompt_tokens: int, new_tokens: int, chunk: int, window_size
 
 
 def environment() -> dict:
-    import transformers
+    from snapkv.analysis.results import environment as versions
+    from snapkv.core.loading import DEFAULT_MODEL_ID
 
-    import snapkv
-
-    return {
-        "model": snapkv.core.loading.DEFAULT_MODEL_ID,
-        "device": "cpu",
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "snapkv": snapkv.__version__,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
+    return versions() | {"model_id": DEFAULT_MODEL_ID, "device": "cpu", "torch_threads": torch.get_num_threads(),
+                         "platform": platform.platform(), "loadavg": os.getloadavg()}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -255,6 +245,13 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def write_json(path: Path, data: dict) -> None:
+    """Write `data` to `path` through a temporary file, so the file is whole or absent."""
+    staging = path.with_suffix(".json.tmp")
+    staging.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(staging, path)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt-tokens", type=int, default=8064,
@@ -274,6 +271,7 @@ def main(argv=None) -> int:
     results = {"environment": environment(), "config": vars(args)}
     results["overhead"] = overhead_run(args.prompt_tokens, args.new_tokens, args.repeats, args.window_size)
     print(json.dumps(results["overhead"], indent=2))
+    write_json(out / "record_overhead.json", results | {"complete": False})  # part 1 survives a failed part 2
     if args.long_tokens:
         context = multiprocessing.get_context("spawn")
         queue = context.Queue()
@@ -290,7 +288,8 @@ def main(argv=None) -> int:
                     raise RuntimeError(f"the long-prompt run failed (exit code {child.exitcode})") from None
         child.join()
         print(json.dumps(results["long_prompt"], indent=2))
-    (out / "record_overhead.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    results["environment"]["loadavg_end"] = os.getloadavg()
+    write_json(out / "record_overhead.json", results | {"complete": True})
     plot(results, out / "record_overhead.png")
     print(f"wrote {out / 'record_overhead.json'} and {out / 'record_overhead.png'}")
     return 0

@@ -192,13 +192,13 @@ class _Rows:
             self.buffers["generation_topk_values"][:, :, start:stop] = top.values
         self.count = stop
 
-    def tensors(self) -> dict[str, torch.Tensor]:
+    def tensors(self, final: bool) -> dict[str, torch.Tensor]:
+        """The rows recorded so far. `final`: the buffers are handed over instead of copied when they are
+        exactly full (the usual case: capacity = the planned rows), so closing a trace never doubles it."""
         out = {}
         for name, buffer in self.buffers.items():
-            if name == "generation_window_sums":
-                out[name] = buffer[:, :, : math.ceil(self.count / self.reduce_window)].clone()
-            else:
-                out[name] = buffer[:, :, : self.count].clone()
+            used = math.ceil(self.count / self.reduce_window) if name == "generation_window_sums" else self.count
+            out[name] = buffer if final and used == buffer.shape[2] else buffer[:, :, :used].clone()
         return out
 
 
@@ -259,7 +259,7 @@ class Recorder:
     def trace(self) -> Trace:
         """The trace of the latest prompt (of the one being recorded, as recorded so far)."""
         if self._prompt is not None:
-            return self._build_trace(self._prompt)
+            return self._build_trace(self._prompt, final=False)
         if not self.traces:
             raise ValueError("nothing was recorded: run the model (generate or a forward) inside the record block")
         return self.traces[-1]
@@ -267,7 +267,7 @@ class Recorder:
     def finish(self) -> None:
         """Close the current prompt: its trace joins `traces`."""
         if self._prompt is not None:
-            self.traces.append(self._build_trace(self._prompt))
+            self.traces.append(self._build_trace(self._prompt, final=True))
             self._prompt = None
 
     # -- model forward hooks -------------------------------------------------------------------------
@@ -515,7 +515,7 @@ class Recorder:
         )
 
     # -- trace ---------------------------------------------------------------------------------------
-    def _build_trace(self, prompt: _Prompt) -> Trace:
+    def _build_trace(self, prompt: _Prompt, final: bool) -> Trace:
         width = prompt.width
         tensors: dict[str, torch.Tensor] = {}
         layers = sorted(prompt.observation)
@@ -526,7 +526,7 @@ class Recorder:
                 if rows is None:
                     rows = _Rows(self.reducer, (prompt.batch, self.num_heads, width), 1, self.reduce_window,
                                  self.top_k)
-                for name, tensor in rows.tensors().items():
+                for name, tensor in rows.tensors(final).items():
                     tensors[f"{name}.{layer}"] = tensor
             if layer in prompt.kept:
                 tensors[f"kept_positions.{layer}"] = prompt.kept[layer]
