@@ -121,6 +121,8 @@ def test_scoring_functions():
     assert quality.score_answer(code, "y = 3")[1] is False
     with pytest.raises(ValueError):
         quality.contains_score("x", [])
+    assert quality.prefix_score(" 344.", "3440437") == pytest.approx(3 / 7)
+    assert quality.prefix_score("`3440437`", "3440437") == 1.0 and quality.prefix_score("no", "3440437") == 0.0
 
 
 # -- methods and errors ---------------------------------------------------------------------------------------

@@ -87,23 +87,26 @@ def sink_positions(observation: torch.Tensor, sink_size: int = 4, cutoff: float 
     return sinks
 
 
-def token_metrics(rows: torch.Tensor, voted: torch.Tensor, sinks: torch.Tensor, window: int,
+def token_metrics(rows: torch.Tensor, voted_sets: list[torch.Tensor], sinks: torch.Tensor, window: int,
                   threshold: float = 0.05) -> dict[str, torch.Tensor]:
-    """Per (batch, head, generated token) counts and masses behind every observation metric.
+    """Per (batch, head, generated token) counts and masses behind every observation metric, averaged over
+    `voted_sets` (several draws of a random reference; one set otherwise).
 
     hits / important: |I & V| and |I|; *_no_sinks: the same with sink positions left out; on_sinks:
     |I & sinks|; voted_mass / prefix_mass: attention mass on V and on the whole prefix (their ratio is
-    the threshold-free attention-mass recall).
+    the threshold-free attention-mass recall). Counts are products of the 0/1 matrix I with 0/1 position
+    indicators, exact in float32 (integers below 2**24).
     """
-    important = important_set(rows, window, threshold)
-    voted, sinks = voted[:, :, None, :], sinks[:, :, None, :]
-    prefix = rows[..., : rows.shape[-1] - window]
-    return dict(
-        hits=(important & voted).sum(-1), important=important.sum(-1),
-        hits_no_sinks=(important & voted & ~sinks).sum(-1), important_no_sinks=(important & ~sinks).sum(-1),
-        on_sinks=(important & sinks).sum(-1),
-        voted_mass=(prefix * voted[..., : prefix.shape[-1]]).sum(-1), prefix_mass=prefix.sum(-1),
-    )
+    important = important_set(rows, window, threshold).float()
+    prefix = rows[..., : rows.shape[-1] - window].float()
+    sets = torch.stack(voted_sets, dim=-1)  # (batch, heads, prompt_len, sets)
+    columns = torch.cat([(~sinks)[..., None], sinks[..., None], sets, sets & ~sinks[..., None]], dim=-1)
+    counts = important @ columns.float()
+    voted_mass = prefix @ sets[..., : prefix.shape[-1], :].float()
+    n = len(voted_sets)
+    return dict(hits=counts[..., 2 : 2 + n].mean(-1), important=important.sum(-1),
+                hits_no_sinks=counts[..., 2 + n :].mean(-1), important_no_sinks=counts[..., 0],
+                on_sinks=counts[..., 1], voted_mass=voted_mass.mean(-1), prefix_mass=prefix.sum(-1))
 
 
 COUNTS = ("hits", "important", "hits_no_sinks", "important_no_sinks", "on_sinks")
@@ -149,8 +152,7 @@ def metric_records(rows: torch.Tensor, sets: dict, sinks: torch.Tensor, *, windo
     records = []
     steps = rows.shape[2]
     for reference, candidates in sets.items():
-        metrics = [token_metrics(rows, v, sinks, window, threshold) for v in candidates]
-        totals = {name: sum(m[name].float() for m in metrics) / len(metrics) for name in metrics[0]}
+        totals = token_metrics(rows, candidates, sinks, window, threshold)
         recall = totals["voted_mass"] / totals["prefix_mass"].clamp(min=1e-12)
         heads = range(rows.shape[1]) if by_head else [slice(None)]
         for start, head in itertools.product(range(0, steps, generation_window), heads):

@@ -385,6 +385,21 @@ def contains_score(answer: str, expected: Sequence[str]) -> float:
     return sum(found) / len(expected)
 
 
+def prefix_score(answer: str, value: str) -> float:
+    """Partial credit for a single value: the length of the longest prefix of `value` that the answer
+    reproduces (from its first letter or digit on), over the length of `value`.
+    " 344." against "3440437" scores 3/7: the model found the needle but lost its end."""
+    if not value:
+        raise ValueError("value is empty")
+    start = next((i for i, c in enumerate(answer) if c.isalnum()), len(answer))
+    matched = 0
+    for a, b in zip(answer[start:].lower(), value.lower()):
+        if a != b:
+            break
+        matched += 1
+    return matched / len(value)
+
+
 def first_code_line(answer: str) -> str:
     """The first line of code in an answer: markdown fences and blank lines skipped."""
     for line in answer.splitlines():
@@ -659,8 +674,9 @@ def evaluate(model, tokenizer, prompts: Sequence[QualityPrompt], methods: Sequen
 
     Methods whose budget is >= the prompt's target length are skipped (they keep the whole prompt, i.e.
     equal the full cache). Returns one row per (prompt, mode, method, budget): task, length, prompt_tokens,
-    depth, needle_position, sample, mode, method, budget, score, correct, answer, expected, cache_slots,
-    decode_seconds, prefill_seconds (the prompt's shared prefill).
+    depth, needle_position, sample, mode, method, budget, score, correct, prefix_score (single-value tasks,
+    see `prefix_score`), answer, expected, cache_slots, decode_seconds, prefill_seconds (the prompt's shared
+    prefill).
     """
     if not prompts:
         raise ValueError("no prompts to evaluate")
@@ -680,9 +696,11 @@ def evaluate(model, tokenizer, prompts: Sequence[QualityPrompt], methods: Sequen
         for (mode, name, budget), answer in answers.items():
             text = tokenizer.decode(answer.tokens, skip_special_tokens=True)
             score, correct = score_answer(prompt, text)
+            partial = prefix_score(text, prompt.expected[0]) if len(prompt.expected) == 1 else float("nan")
             rows.append(dict(task=prompt.task, length=prompt.length, prompt_tokens=prompt.prompt_tokens,
                              depth=prompt.depth, needle_position=prompt.needle_position, sample=prompt.sample,
-                             mode=mode, method=name, budget=budget, score=score, correct=correct, answer=text,
+                             mode=mode, method=name, budget=budget, score=score, correct=correct,
+                             prefix_score=partial, answer=text,
                              expected=" | ".join(prompt.expected), cache_slots=answer.cache_slots,
                              decode_seconds=round(answer.seconds, 3), prefill_seconds=round(prefill_seconds, 3)))
     bar.close()
