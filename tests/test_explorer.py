@@ -201,10 +201,9 @@ def test_a_full_cache_trace_predicts_what_compression_would_keep():
     full, _, _ = record_tiny()
     policy = snapkv.SnapKV(window_size=8, max_capacity_prompt=24, kernel_size=5, pooling="avgpool", gqa="max")
     compressed, _, _ = record_tiny(policy)
-    assert explorer.default_gqa(full) == "expand"  # nothing tells a full-cache trace the model's KV heads
+    assert full.metadata["num_key_value_heads"] == 2 and explorer.default_gqa(full) == "mean"  # the engine's
     for layer in full.layers:
-        mine = explorer.kept_positions(full, layer, budget=24, kernel_size=5, pooling="avgpool", gqa="max",
-                                       kv_heads=2)
+        mine = explorer.kept_positions(full, layer, budget=24, kernel_size=5, pooling="avgpool", gqa="max")
         assert torch.equal(mine, compressed.kept_positions(layer, row=0).sort(-1).values), layer
 
 

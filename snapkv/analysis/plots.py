@@ -1,6 +1,8 @@
 """One function per figure. Each takes a summary DataFrame (from `metrics.summarize`) and returns a
 seaborn/matplotlib figure and a plotly figure of the same data."""
 
+import textwrap
+
 import matplotlib.pyplot as plt
 import pandas as pd
 import plotly.express as px
@@ -34,7 +36,7 @@ def _lines(summary: pd.DataFrame, *, x: str, hue: str, facet: str | None, title:
         if ylim:
             ax.set_ylim(*ylim)
         ax.legend(title=hue, fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle("\n".join(textwrap.wrap(title, width=60 * len(facets))))
     fig.tight_layout()
     interactive = px.line(summary.sort_values(x), x=x, y="mean", color=summary[hue].astype(str),
                           facet_col=facet, markers=True, title=title,

@@ -248,6 +248,7 @@ class Recorder:
         text_config = model.config.get_text_config()
         self.num_layers = text_config.num_hidden_layers
         self.num_heads = text_config.num_attention_heads
+        self.num_kv_heads = getattr(text_config, "num_key_value_heads", None) or self.num_heads
         self.traces: list[Trace] = []
         self._prompt: _Prompt | None = None
         self._calls_this_forward = 0
@@ -566,6 +567,7 @@ class Recorder:
             "sliding_layers": sorted(prompt.sliding),
             "compressed_layers": sorted(prompt.kept),
             "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
             "text": text,
             "tensor_names": sorted(tensors),
         }
