@@ -24,6 +24,10 @@ def add_reproduce_command(subparsers) -> None:
     parser.add_argument("--model", default=None, metavar="NAME_OR_PATH",
                         help="model for the notebooks that declare a `model_name` parameter (default: their own, "
                              "the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--device", default=None,
+                        help="device of the notebooks' model, e.g. cuda (default: their own, cpu)")
+    parser.add_argument("--dtype", default=None,
+                        help="precision of the notebooks' model, e.g. bfloat16 (default: their own, float32)")
     parser.add_argument("--out", default="reports", help="output folder (default: reports)")
     parser.add_argument("--force", action="store_true", help="rerun parts that already finished")
     parser.add_argument("--notebooks", default="notebooks", help="folder of notebooks (default: notebooks)")
@@ -54,7 +58,8 @@ def _reproduce(args) -> int:
             raise ValueError(f"--benchmarks {args.benchmarks!r} holds no known benchmark script "
                              "(speed_memory.py, gpu_scale.py)")
     parts = reproduce(args.out, notebook_dir=args.notebooks, quick=args.quick, model_name=args.model,
-                      parameters=dict(args.parameter), force=args.force, benchmarks=benchmarks,
+                      device=args.device, dtype=args.dtype, parameters=dict(args.parameter), force=args.force,
+                      benchmarks=benchmarks,
                       kernel_name=args.kernel, execution_timeout=args.cell_timeout)
     print(parts[["part", "status", "seconds", "output"]].to_string(index=False))
     print(f"index: {Path(args.out) / INDEX}")
@@ -132,6 +137,8 @@ def _comma_list(text, kind, name: str) -> list:
 def _quality_arguments(parser, what: str) -> None:
     parser.add_argument("--model", default=None, help="model folder, .gguf file or cached hub id (default: embedded "
                         "SmolLM2-135M-Instruct)")
+    parser.add_argument("--device", default="cpu", help="torch device of the model, e.g. cuda (default: cpu)")
+    parser.add_argument("--dtype", default="float32", help="model precision, e.g. bfloat16 (default: float32)")
     parser.add_argument("--methods", default=None, help="comma-separated: full, snapkv, streaming, random, h2o, "
                         "snapkv-avgpool, snapkv-nopool (default: all)")
     parser.add_argument("--budgets", default=None, help="comma-separated prompt budgets (default: 128,256,512,1024)")
@@ -178,6 +185,7 @@ def add_tasks_command(subparsers) -> None:
 
 def _quality_settings(args, quick: dict, defaults: dict) -> dict:
     from snapkv.analysis import quality
+    from snapkv.analysis.reproduce import check_device
 
     def pick(name, kind, fallback):
         value = getattr(args, name)
@@ -193,7 +201,8 @@ def _quality_settings(args, quick: dict, defaults: dict) -> dict:
         modes=pick("modes", str, defaults["modes"]),
         seed=_comma_list(args.seed, int, "seed")[0],
         prefill_chunk_size=_comma_list(args.prefill_chunk, int, "prefill-chunk")[0],
-        model=args.model, quick=args.quick, window_size=quality.WINDOW_SIZE, kernel_size=quality.KERNEL_SIZE,
+        model=args.model, device=args.device, dtype=args.dtype, quick=args.quick, window_size=quality.WINDOW_SIZE,
+        kernel_size=quality.KERNEL_SIZE,
     )
     samples = pick("samples", int, [defaults["samples"]])
     if len(samples) != 1:
@@ -206,6 +215,7 @@ def _quality_settings(args, quick: dict, defaults: dict) -> dict:
         raise ValueError(f"unknown mode(s) {unknown or settings['modes']}: choose from {', '.join(quality.MODES)}")
     if settings["prefill_chunk_size"] < quality.WINDOW_SIZE:
         raise ValueError(f"--prefill-chunk must be at least the window ({quality.WINDOW_SIZE})")
+    check_device(settings["device"], settings["dtype"])
     return settings
 
 
@@ -213,7 +223,7 @@ def _load_for_quality(settings: dict, max_new_tokens: int):
     from snapkv.analysis import quality
     from snapkv.core import loading
 
-    model, tokenizer = loading.load_model(settings["model"])
+    model, tokenizer = loading.load_model(settings["model"], device=settings["device"], dtype=settings["dtype"])
     quality.check_lengths_fit(settings["lengths"], model, max_new_tokens)  # before any prefill
     return model, tokenizer
 

@@ -336,6 +336,8 @@ def test_figures_and_targets_from_the_table(tiny_table):
     (["needle", "--lengths", "0"], "lengths must be positive"),
     (["tasks", "--tasks", "summaries"], "unknown task"),
     (["needle", "--modes", "sideways"], "unknown mode"),
+    (["needle", "--device", "tpu"], "not a torch device"),
+    (["tasks", "--dtype", "int8"], "not a floating dtype"),
 ])
 def test_cli_rejects_bad_input_before_loading_a_model(argv, message, capsys, monkeypatch):
     monkeypatch.setattr("snapkv.core.loading.load_model", lambda *a, **k: pytest.fail("loaded a model"))

@@ -7,6 +7,7 @@ import textwrap
 
 import nbformat
 import pytest
+import torch
 from nbformat.v4 import new_code_cell, new_notebook
 
 from snapkv import cli
@@ -193,6 +194,25 @@ def test_model_name_reaches_only_the_notebooks_that_declare_it(folders):
     # a different model is a different parameter set for the declaring notebook only
     parts = reproduce(out, notebook_dir=notebooks, model_name="other", benchmarks=[], progress=False)
     assert parts.status.tolist() == ["failed", "skipped"]
+
+
+def test_device_and_dtype_reach_the_notebooks_that_declare_them(folders):
+    notebooks, out = folders
+    write_notebook(notebooks / "01_declares.ipynb", "assert (device, dtype) == ('cpu', 'bfloat16'), (device, dtype)",
+                   parameters="quick = False\nreports_dir = '.'\ndevice = 'x'\ndtype = 'y'")
+    write_notebook(notebooks / "02_does_not.ipynb", "assert 'device' not in globals() and 'dtype' not in globals()")
+    parts = reproduce(out, notebook_dir=notebooks, device="cpu", dtype="bfloat16", benchmarks=[], progress=False)
+    assert parts.status.tolist() == ["ok", "ok"], parts.error.tolist()
+
+
+@pytest.mark.parametrize("settings, match", [(dict(device="cuda:7" if torch.cuda.is_available() else "cuda"), "cuda"),
+                                             (dict(device="tpu"), "not a torch device"), (dict(dtype="int8"), "int8")])
+def test_an_unusable_device_or_dtype_fails_before_anything_runs(folders, settings, match):
+    notebooks, out = folders
+    write_notebook(notebooks / "01_any.ipynb", "x = 1")
+    with pytest.raises(ValueError, match=match):
+        reproduce(out, notebook_dir=notebooks, benchmarks=[], progress=False, **settings)
+    assert not out.exists()
 
 
 def test_benchmarks_are_found_next_to_the_notebooks_and_cuda_ones_wait_for_a_gpu(folders, tmp_path, monkeypatch):

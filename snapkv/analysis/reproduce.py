@@ -30,6 +30,7 @@ INDEX = "index.html"
 FIGURES = "figures"
 BENCHMARKS = "benchmarks"
 MODEL_PARAMETER = "model_name"
+DEVICE_PARAMETERS = ("device", "dtype")  # where and in which precision the notebooks load their model
 
 
 @dataclass(frozen=True)
@@ -55,12 +56,15 @@ def default_benchmarks(benchmark_dir) -> list[Benchmark]:
 
 
 def reproduce(out_dir="reports", *, notebook_dir="notebooks", quick: bool = False, model_name: str | None = None,
-              parameters: dict | None = None, force: bool = False, benchmarks: list[Benchmark] | None = None,
+              device: str | None = None, dtype: str | None = None, parameters: dict | None = None,
+              force: bool = False, benchmarks: list[Benchmark] | None = None,
               kernel_name: str | None = None, execution_timeout: float | None = None,
               progress: bool = True) -> pd.DataFrame:
     """Run every part (notebooks, then benchmarks) into `out_dir` and write `out_dir/index.html`.
 
     model_name: passed as the `model_name` parameter to the notebooks that declare it (None: their default).
+    device, dtype: passed as the `device` / `dtype` parameters to the notebooks that declare them, e.g. "cuda"
+    and "bfloat16" on a GPU (None: their default, CPU float32); checked before anything runs.
     parameters: extra papermill parameters for every notebook; notebooks that declare `interactive` get
     `interactive=False` (`notebooks.HEADLESS_PARAMETERS`). benchmarks: None for `default_benchmarks` of the
     `benchmarks/` folder next to `notebook_dir`; [] for none. execution_timeout: seconds one notebook cell may
@@ -68,6 +72,7 @@ def reproduce(out_dir="reports", *, notebook_dir="notebooks", quick: bool = Fals
     Returns one row per part: part, kind, status ("ok", "failed", "skipped" = finished earlier, "not run"),
     seconds, output, error. Never raises for a failing part: check `status`.
     """
+    check_device(device, dtype)
     out_dir = Path(out_dir)
     notebooks = runner.find_notebooks(notebook_dir)
     kernel_name = kernel_name or runner.DEFAULT_KERNEL
@@ -78,6 +83,7 @@ def reproduce(out_dir="reports", *, notebook_dir="notebooks", quick: bool = Fals
     optional = dict(runner.HEADLESS_PARAMETERS)
     if model_name is not None:
         optional[MODEL_PARAMETER] = model_name
+    optional |= {name: value for name, value in zip(DEVICE_PARAMETERS, (device, dtype)) if value is not None}
     out_dir.mkdir(parents=True, exist_ok=True)
 
     rows = []
@@ -102,6 +108,17 @@ def reproduce(out_dir="reports", *, notebook_dir="notebooks", quick: bool = Fals
         bar.close()
         write_index(out_dir)
     return pd.DataFrame(rows, columns=["part", "kind", "status", "seconds", "output", "error"])
+
+
+def check_device(device: str | None, dtype: str | None) -> None:
+    """ValueError/TypeError unless `device` is a torch device available here and `dtype` a floating dtype
+    (the checks `snapkv.load_model` makes, made once before any notebook runs)."""
+    from snapkv.core import loading
+
+    if device is not None:
+        loading.check_device(device)
+    if dtype is not None:
+        loading.check_dtype(dtype)
 
 
 # -- benchmarks ------------------------------------------------------------------------------------

@@ -92,8 +92,8 @@ def load_model(name_or_path=None, *, dtype=torch.float32, device="cpu"):
         raise TypeError(
             f"name_or_path must be None, a str or a path, not {type(name_or_path).__name__}: {name_or_path!r}"
         )
-    dtype = _check_dtype(dtype)
-    device = _check_device(device)
+    dtype = check_dtype(dtype)
+    device = check_device(device)
 
     if name_or_path is None:
         model, tokenizer = _load_gguf(default_model_path(), dtype)
@@ -152,7 +152,7 @@ def gguf_sha256(path) -> str:
     return digest.hexdigest()
 
 
-def _check_dtype(dtype) -> torch.dtype:
+def check_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, str):
         name = dtype.removeprefix("torch.")
         if name not in _FLOAT_DTYPE_NAMES:
@@ -167,7 +167,7 @@ def _check_dtype(dtype) -> torch.dtype:
     return dtype
 
 
-def _check_device(device) -> torch.device:
+def check_device(device) -> torch.device:
     if not isinstance(device, (str, torch.device)):
         raise TypeError(f"device must be a str or torch.device, not {type(device).__name__}: {device!r}")
     try:
