@@ -31,6 +31,7 @@ import copy
 import dataclasses
 import difflib
 import functools
+import os
 import random
 import re
 import time
@@ -392,12 +393,7 @@ def prefix_score(answer: str, value: str) -> float:
     if not value:
         raise ValueError("value is empty")
     start = next((i for i, c in enumerate(answer) if c.isalnum()), len(answer))
-    matched = 0
-    for a, b in zip(answer[start:].lower(), value.lower()):
-        if a != b:
-            break
-        matched += 1
-    return matched / len(value)
+    return len(os.path.commonprefix([answer[start:].lower(), value.lower()])) / len(value)
 
 
 def first_code_line(answer: str) -> str:

@@ -29,8 +29,7 @@ from snapkv.analysis import notebooks as runner
 INDEX = "index.html"
 FIGURES = "figures"
 BENCHMARKS = "benchmarks"
-MODEL_PARAMETER = "model_name"
-DEVICE_PARAMETERS = ("device", "dtype")  # where and in which precision the notebooks load their model
+MODEL_PARAMETERS = ("model_name", "device", "dtype")  # which model the notebooks load, where, in which precision
 
 
 @dataclass(frozen=True)
@@ -81,9 +80,7 @@ def reproduce(out_dir="reports", *, notebook_dir="notebooks", quick: bool = Fals
         benchmarks = default_benchmarks(Path(notebook_dir).resolve().parent / BENCHMARKS)
     common = runner.common_parameters(out_dir, quick=quick, parameters=parameters)
     optional = dict(runner.HEADLESS_PARAMETERS)
-    if model_name is not None:
-        optional[MODEL_PARAMETER] = model_name
-    optional |= {name: value for name, value in zip(DEVICE_PARAMETERS, (device, dtype)) if value is not None}
+    optional |= {name: value for name, value in zip(MODEL_PARAMETERS, (model_name, device, dtype)) if value is not None}
     out_dir.mkdir(parents=True, exist_ok=True)
 
     rows = []
@@ -397,8 +394,8 @@ def _relative(path: Path, out_dir: Path) -> str:
 def _environment_section(record: dict, figures: list[dict], out_dir: Path) -> str:
     models = sorted({str(f["environment"]["model_id"]) for f in figures
                      if isinstance(f.get("environment"), dict) and f["environment"].get("model_id")})
-    requested = sorted({str(e.get("parameters", {}).get(MODEL_PARAMETER)) for e in record["notebooks"].values()
-                        if e.get("parameters", {}).get(MODEL_PARAMETER) is not None})
+    requested = sorted({str(e.get("parameters", {}).get(MODEL_PARAMETERS[0])) for e in record["notebooks"].values()
+                        if e.get("parameters", {}).get(MODEL_PARAMETERS[0]) is not None})
     machine = record.get("machine") or runner.machine_description()
     versions = record.get("versions") or {}
     parameters = record.get("parameters") or {}
