@@ -24,6 +24,31 @@ def test_hit_rate_table_matches_direct_sets():
         assert row.hit_rate == pytest.approx(hits / important)
 
 
+def test_every_reference_counts_its_own_set():
+    # all references share one product: each must still count hits against its own set (random: seed mean)
+    torch.manual_seed(3)
+    prompt_len, window, k = 70, 7, 9
+    obs = {0: torch.rand(1, 3, window, prompt_len).softmax(-1)}
+    rows = (torch.rand(1, 3, 10, prompt_len) * 6).softmax(-1)
+    table = hit_rate_table(obs, {0: rows}, window_size=window, generation_window=10, top_k=k, threshold=0.02,
+                           seeds=2).set_index("reference")
+    important = rows > 0.02
+    important[..., prompt_len - window :] = False
+
+    def hits(chosen):
+        return float((important & chosen[:, :, None, :]).sum())
+
+    shape = (1, 3, prompt_len)
+    expected = {"snapkv": hits(voted_set(obs[0], k)),
+                "random": sum(hits(reference_set("random", shape, window, k, seed=s)) for s in range(2)) / 2,
+                "recency": hits(reference_set("recency", shape, window, k)),
+                "streaming": hits(reference_set("streaming", shape, window, k))}
+    assert len(set(expected.values())) == 4  # the sets differ, so a mix-up would show
+    for reference, value in expected.items():
+        assert table.loc[reference, "hits"] == pytest.approx(value)
+        assert table.loc[reference, "important"] == float(important.sum())
+
+
 def test_voted_set_size_and_errors():
     obs = torch.rand(1, 2, 4, 100)
     assert voted_set(obs, 0.05).sum(-1).tolist() == [[5, 5]]

@@ -87,26 +87,33 @@ def sink_positions(observation: torch.Tensor, sink_size: int = 4, cutoff: float 
     return sinks
 
 
-def token_metrics(rows: torch.Tensor, voted_sets: list[torch.Tensor], sinks: torch.Tensor, window: int,
-                  threshold: float = 0.05) -> dict[str, torch.Tensor]:
-    """Per (batch, head, generated token) counts and masses behind every observation metric, averaged over
-    `voted_sets` (several draws of a random reference; one set otherwise).
+def token_metrics(rows: torch.Tensor, sets: dict[str, list[torch.Tensor]], sinks: torch.Tensor, window: int,
+                  threshold: float = 0.05) -> dict[str, dict[str, torch.Tensor]]:
+    """Per (batch, head, generated token) counts and masses behind every observation metric, for each
+    reference of `sets` ({name: [voted set, ...]}; a list of several draws, e.g. random seeds, is averaged).
 
     hits / important: |I & V| and |I|; *_no_sinks: the same with sink positions left out; on_sinks:
     |I & sinks|; voted_mass / prefix_mass: attention mass on V and on the whole prefix (their ratio is
     the threshold-free attention-mass recall). Counts are products of the 0/1 matrix I with 0/1 position
-    indicators, exact in float32 (integers below 2**24).
+    indicators, exact in float32 (integers below 2**24); all references share one product.
     """
     important = important_set(rows, window, threshold).float()
     prefix = rows[..., : rows.shape[-1] - window].float()
-    sets = torch.stack(voted_sets, dim=-1)  # (batch, heads, prompt_len, sets)
-    columns = torch.cat([(~sinks)[..., None], sinks[..., None], sets, sets & ~sinks[..., None]], dim=-1)
+    names, sizes = list(sets), [len(candidates) for candidates in sets.values()]
+    voted = torch.stack([v for candidates in sets.values() for v in candidates], dim=-1)  # (batch, heads, n, sets)
+    columns = torch.cat([(~sinks)[..., None], sinks[..., None], voted, voted & ~sinks[..., None]], dim=-1)
     counts = important @ columns.float()
-    voted_mass = prefix @ sets[..., : prefix.shape[-1], :].float()
-    n = len(voted_sets)
-    return dict(hits=counts[..., 2 : 2 + n].mean(-1), important=important.sum(-1),
-                hits_no_sinks=counts[..., 2 + n :].mean(-1), important_no_sinks=counts[..., 0],
-                on_sinks=counts[..., 1], voted_mass=voted_mass.mean(-1), prefix_mass=prefix.sum(-1))
+    masses = prefix @ voted[..., : prefix.shape[-1], :].float()
+    shared = dict(important=important.sum(-1), important_no_sinks=counts[..., 0], on_sinks=counts[..., 1],
+                  prefix_mass=prefix.sum(-1))
+    total, start, result = voted.shape[-1], 0, {}
+    for name, size in zip(names, sizes):
+        part = slice(start, start + size)
+        result[name] = dict(shared, hits=counts[..., 2:][..., part].mean(-1),
+                            hits_no_sinks=counts[..., 2 + total :][..., part].mean(-1),
+                            voted_mass=masses[..., part].mean(-1))
+        start += size
+    return result
 
 
 COUNTS = ("hits", "important", "hits_no_sinks", "important_no_sinks", "on_sinks")
@@ -151,8 +158,7 @@ def metric_records(rows: torch.Tensor, sets: dict, sinks: torch.Tensor, *, windo
     hit_rate, hit_rate_no_sinks, sink_share, mass_recall, tokens, plus `tags`."""
     records = []
     steps = rows.shape[2]
-    for reference, candidates in sets.items():
-        totals = token_metrics(rows, candidates, sinks, window, threshold)
+    for reference, totals in token_metrics(rows, sets, sinks, window, threshold).items():
         recall = totals["voted_mass"] / totals["prefix_mass"].clamp(min=1e-12)
         heads = range(rows.shape[1]) if by_head else [slice(None)]
         for start, head in itertools.product(range(0, steps, generation_window), heads):
