@@ -326,6 +326,40 @@ def test_figures_and_targets_from_the_table(tiny_table):
     assert list(checks.columns) == ["target", "measured", "met"] and len(checks) == 3  # no "random" in the grid
 
 
+def test_needle_tokens_mark_the_value_and_retention_counts_kept_heads():
+    prompt = quality.needle_prompts(TOKENIZER, lengths=[300], depths=[0.5], haystack_text=HAYSTACK)[0]
+    tokens = quality.needle_tokens(TOKENIZER, prompt)
+    assert "".join(tokens.token) == f"\n{prompt.needle}\n"  # one token per character here
+    assert "".join(tokens.token[tokens.in_value]) == prompt.expected[0]
+    assert (tokens.position == prompt.needle_position + tokens["index"]).all()
+    value = tokens.position[tokens.in_value].tolist()
+    # layer 0: both heads keep the value's first token; layer 1: one head keeps all of the value
+    kept = {0: torch.tensor([[[0, value[0]], [value[0], 5]]]), 1: torch.tensor([[value, list(range(len(value)))]])}
+    shares = quality.needle_retention(tokens, kept).set_index("position").kept_share
+    assert shares[value[0]] == 0.75 and shares[value[1]] == 0.25 and shares[tokens.position.iloc[0]] == 0.0
+    assert (quality.needle_retention(tokens, {}).kept_share == 1.0).all()  # the full cache evicts nothing
+    task = quality.task_prompts(TOKENIZER, tasks=["single_key"], lengths=[300], samples=1, haystack_text=HAYSTACK)[0]
+    with pytest.raises(ValueError, match="has no needle"):
+        quality.needle_tokens(TOKENIZER, task)
+
+
+def test_needle_retention_experiment_matches_the_evaluated_answers(tiny_table):
+    model = tiny_model("llama")
+    prompts = quality.needle_prompts(TOKENIZER, lengths=[400], depths=[0.0], haystack_text=HAYSTACK)
+    prompts = [dataclasses.replace(p, max_new_tokens=3) for p in prompts]
+    grid = quality.method_grid(["full", "snapkv"], [64], [])
+    table = quality.needle_retention_experiment(model, TOKENIZER, prompts, grid)
+    answers = table.drop_duplicates(["method", "budget"]).set_index("method").answer
+    same = tiny_table[(tiny_table.length == 400) & (tiny_table.depth == 0.0) & (tiny_table["mode"] == "question-aware")]
+    evaluated = same[same.budget.isna() | (same.budget == 64)].set_index("method").answer
+    assert answers["full"] == evaluated["full"] and answers["snapkv"] == evaluated["snapkv"]
+    snap = table[table.method == "snapkv"]
+    assert (table[table.method == "full"].kept_share == 1.0).all() and snap.kept_share.between(0, 1).all()
+    assert snap.kept_share.min() < 1.0  # 64 of 400 positions kept: some needle token is gone from some head
+    fig, interactive = quality_plots.needle_tokens_figure(table, "tiny")
+    assert {t.name for t in interactive.data} == {"full cache", "snapkv @ 64"}
+
+
 # -- CLI ------------------------------------------------------------------------------------------------------
 
 

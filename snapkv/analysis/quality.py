@@ -705,6 +705,58 @@ def evaluate(model, tokenizer, prompts: Sequence[QualityPrompt], methods: Sequen
     return table
 
 
+def needle_tokens(tokenizer, prompt: QualityPrompt) -> pd.DataFrame:
+    """The tokens of a needle prompt's inserted sentence: index (in the sentence), position (in the prompt),
+    token (its text) and in_value (it holds part of the value the question asks for)."""
+    if prompt.needle is None or prompt.needle_position is None:
+        raise ValueError(f"prompt of task {prompt.task!r} has no needle: pass a prompt from needle_prompts")
+    text = f"\n{prompt.needle}\n"
+    ids = _ids(tokenizer, text)
+    if list(prompt.ids[prompt.needle_position : prompt.needle_position + len(ids)]) != ids:
+        raise ValueError("the needle's tokens are not at prompt.needle_position: was the prompt built with "
+                         "another tokenizer?")
+    value_start = text.index(prompt.expected[0])
+    value_end = value_start + len(prompt.expected[0])
+    ends = [len(tokenizer.decode(ids[: i + 1])) for i in range(len(ids))]
+    starts = [0] + ends[:-1]
+    return pd.DataFrame(dict(index=range(len(ids)), position=[prompt.needle_position + i for i in range(len(ids))],
+                             token=[tokenizer.decode([t]) for t in ids],
+                             in_value=[s < value_end and e > value_start for s, e in zip(starts, ends)]))
+
+
+def needle_retention(tokens: pd.DataFrame, kept_positions: dict) -> pd.DataFrame:
+    """`tokens` (from `needle_tokens`) with kept_share: the share of (layer, KV head) pairs whose kept prompt
+    positions ({layer: (1, heads, kept)}, as in `GeneratedAnswer`) hold the token; 1.0 when nothing was evicted."""
+    if not kept_positions:
+        return tokens.assign(kept_share=1.0)
+    wanted = torch.tensor(tokens.position.to_numpy())
+    held = torch.cat([(kept[0].cpu()[:, :, None] == wanted).any(1) for kept in kept_positions.values()])
+    return tokens.assign(kept_share=held.float().mean(0).numpy())  # over (layers x heads)
+
+
+def needle_retention_experiment(model, tokenizer, prompts: Sequence[QualityPrompt], methods: Sequence[Method], *,
+                                prefill_chunk_size: int | None = DEFAULT_PREFILL_CHUNK) -> pd.DataFrame:
+    """Which tokens of the needle sentence each method keeps (question-aware), with its answer: one row per
+    (prompt, method, budget, needle token) with length, depth, sample, answer, score and the columns of
+    `needle_retention`. Methods whose budget is >= the prompt's length are skipped, as in `evaluate`."""
+    stop_ids = _stop_ids(tokenizer)
+    frames = []
+    for prompt in tqdm(prompts, desc="needle tokens", unit="prompt"):
+        tokens = needle_tokens(tokenizer, prompt)
+        chosen = [m for m in methods if m.budget is None or m.budget < prompt.length]
+        answers = answers_with_shared_prefill(model, prompt.context_ids, prompt.tail_ids, chosen,
+                                              max_new_tokens=prompt.max_new_tokens, stop_ids=stop_ids,
+                                              stop=_line_stop(tokenizer), prefill_chunk_size=prefill_chunk_size)
+        for (_, name, budget), answer in answers.items():
+            text = tokenizer.decode(answer.tokens, skip_special_tokens=True)
+            frames.append(needle_retention(tokens, answer.kept_positions).assign(
+                length=prompt.length, depth=prompt.depth, sample=prompt.sample, method=name, budget=budget,
+                answer=text, score=score_answer(prompt, text)[0]))
+    table = pd.concat(frames, ignore_index=True)
+    table["budget"] = table["budget"].astype("Int64")
+    return table
+
+
 def calibrate(table: pd.DataFrame, threshold: float = CALIBRATION_THRESHOLD, by=("task", "length"),
               mode: str | None = None) -> pd.DataFrame:
     """Which (task, length) groups the full cache solves: one row per group with full_score (mean score of the

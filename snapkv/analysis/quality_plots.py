@@ -5,6 +5,7 @@ and returns a seaborn/matplotlib figure and a plotly figure of the same data.
 """
 
 import math
+import textwrap
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -169,6 +170,44 @@ def pooling_ablation_figure(summary: pd.DataFrame, caption: str):
     fig.tight_layout()
     interactive.update_layout(title=f"SnapKV pooling ablation ({caption})", xaxis_title="context length (tokens)",
                               yaxis_title="needle score", yaxis_range=[-0.02, 1.02])
+    return fig, interactive
+
+
+def needle_tokens_figure(table: pd.DataFrame, caption: str):
+    """Share of (layer, KV head) pairs keeping each token of the needle sentence, one panel per prompt, one bar
+    colour per (method, budget); the value's tokens are shaded. table: `quality.needle_retention_experiment`."""
+    table = table.assign(panel=[f"{n} tokens, depth {d:.0%}, sample {s}" for n, d, s in
+                                zip(table.length, table.depth, table["sample"])],
+                         setting=[_panel_name(m, b) for m, b in zip(table.method, table.budget)])
+    panels = list(dict.fromkeys(table.sort_values(["length", "depth", "sample"]).panel))
+    settings = list(dict.fromkeys(table.sort_values(["budget"]).setting))
+    sns.set_theme(style="whitegrid")
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 2.6 * len(panels) + 0.6), squeeze=False)
+    interactive = make_subplots(rows=len(panels), cols=1, subplot_titles=panels, vertical_spacing=0.12)
+    colors = dict(zip(settings, sns.color_palette("viridis", len(settings))))
+    for row, (ax, panel) in enumerate(zip(axes[:, 0], panels), start=1):
+        part = table[table.panel == panel]
+        tokens = part.drop_duplicates("index").sort_values("index")
+        labels = [f"{t!r}"[1:-1] for t in tokens.token]
+        for index in tokens.loc[tokens.in_value, "index"]:
+            ax.axvspan(index - 0.5, index + 0.5, color="#fde68a", zorder=0)
+        sns.barplot(part, x="index", y="kept_share", hue="setting", hue_order=settings, palette=colors, ax=ax)
+        ax.set_xticks(range(len(labels)), labels, fontsize=7)
+        answers = "; ".join(f"{s}: {a.strip()!r}" for s, a in part.drop_duplicates("setting")[["setting", "answer"]]
+                            .itertuples(index=False))
+        ax.set(xlabel="", ylabel="kept share", ylim=(0, 1.02), title=f"{panel}\n{answers}")
+        ax.title.set_fontsize(8)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        for setting in settings:
+            group = part[part.setting == setting].sort_values("index")
+            interactive.add_trace(go.Bar(x=labels, y=group.kept_share, name=setting, legendgroup=setting,
+                                         marker_color=_hex(colors[setting]), showlegend=row == 1,
+                                         hovertext=[f"answer {a!r}" for a in group.answer]), row=row, col=1)
+    fig.suptitle("\n".join(textwrap.wrap(f"Which needle tokens survive compression (value shaded; {caption})", 110)),
+                 fontsize=10)
+    fig.tight_layout()
+    interactive.update_layout(title=f"Which needle tokens survive compression ({caption})", barmode="group",
+                              height=300 * len(panels) + 120)
     return fig, interactive
 
 
