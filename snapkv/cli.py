@@ -153,6 +153,9 @@ def _quality_arguments(parser, what: str) -> None:
     parser.add_argument("--prefill-chunk", default="2048", help="prefill chunk in tokens (default: 2048)")
     parser.add_argument("--out", default=None, help="output folder (default: reports/quality)")
     parser.add_argument("--quick", action="store_true", help="a tiny smoke run (one 512-token length, 2 methods)")
+    parser.add_argument("--window-size", default=None, help="observation window of SnapKV, H2O and random eviction "
+                        "(default: 16, the paper's needle setting; its LongBench runs use 32)")
+    parser.add_argument("--kernel-size", default=None, help="SnapKV pooling kernel (default: 5; LongBench runs: 7)")
 
 
 def add_needle_command(subparsers) -> None:
@@ -201,20 +204,25 @@ def _quality_settings(args, quick: dict, defaults: dict) -> dict:
         modes=pick("modes", str, defaults["modes"]),
         seed=_comma_list(args.seed, int, "seed")[0],
         prefill_chunk_size=_comma_list(args.prefill_chunk, int, "prefill-chunk")[0],
-        model=args.model, device=args.device, dtype=args.dtype, quick=args.quick, window_size=quality.WINDOW_SIZE,
-        kernel_size=quality.KERNEL_SIZE,
+        model=args.model, device=args.device, dtype=args.dtype, quick=args.quick,
+        window_size=pick("window_size", int, [quality.WINDOW_SIZE])[0],
+        kernel_size=pick("kernel_size", int, [quality.KERNEL_SIZE])[0],
     )
     samples = pick("samples", int, [defaults["samples"]])
     if len(samples) != 1:
         raise ValueError(f"--samples expects one positive int, got {args.samples!r}")
     settings["samples"] = quality._check_samples(samples[0])
     quality._check_lengths(settings["lengths"])
-    quality.check_methods(settings["methods"], settings["budgets"], settings["ablation_budgets"])
+    if settings["window_size"] < 1 or settings["kernel_size"] < 1 or settings["kernel_size"] % 2 == 0:
+        raise ValueError(f"--window-size must be >= 1 and --kernel-size a positive odd int, got "
+                         f"{settings['window_size']} and {settings['kernel_size']}")
+    quality.check_methods(settings["methods"], settings["budgets"], settings["ablation_budgets"],
+                          window_size=settings["window_size"])
     unknown = [m for m in settings["modes"] if m not in quality.MODES]
     if unknown or not settings["modes"]:
         raise ValueError(f"unknown mode(s) {unknown or settings['modes']}: choose from {', '.join(quality.MODES)}")
-    if settings["prefill_chunk_size"] < quality.WINDOW_SIZE:
-        raise ValueError(f"--prefill-chunk must be at least the window ({quality.WINDOW_SIZE})")
+    if settings["prefill_chunk_size"] < settings["window_size"]:
+        raise ValueError(f"--prefill-chunk must be at least the window ({settings['window_size']})")
     check_device(settings["device"], settings["dtype"])
     return settings
 
@@ -247,7 +255,8 @@ def _needle(args) -> int:
         raise ValueError(f"unknown --needle-format {args.needle_format!r}: choose from {quality.NEEDLE_FORMATS}")
     settings |= dict(needle_format=args.needle_format, haystack=args.haystack)
     haystack = quality.load_haystack(args.haystack)
-    methods = quality.method_grid(settings["methods"], settings["budgets"], settings["ablation_budgets"])
+    methods = quality.method_grid(settings["methods"], settings["budgets"], settings["ablation_budgets"],
+                                  window_size=settings["window_size"], kernel_size=settings["kernel_size"])
     model, tokenizer = _load_for_quality(settings, 12)
     start = time.perf_counter()
     prompts = quality.needle_prompts(tokenizer, lengths=settings["lengths"], depths=settings["depths"],
@@ -304,7 +313,8 @@ def _tasks(args) -> int:
     if "full" not in settings["methods"]:
         raise ValueError("--methods must include full: the suite calibrates on the full cache")
     haystack = quality.load_haystack(args.haystack)
-    methods = quality.method_grid(settings["methods"], settings["budgets"], settings["ablation_budgets"])
+    methods = quality.method_grid(settings["methods"], settings["budgets"], settings["ablation_budgets"],
+                                  window_size=settings["window_size"], kernel_size=settings["kernel_size"])
     model, tokenizer = _load_for_quality(settings, 40)
     start = time.perf_counter()
     prompts = quality.task_prompts(tokenizer, tasks=settings["tasks"], lengths=settings["lengths"],

@@ -372,6 +372,8 @@ def test_needle_retention_experiment_matches_the_evaluated_answers(tiny_table):
     (["needle", "--modes", "sideways"], "unknown mode"),
     (["needle", "--device", "tpu"], "not a torch device"),
     (["tasks", "--dtype", "int8"], "not a floating dtype"),
+    (["needle", "--kernel-size", "4"], "positive odd int"),
+    (["tasks", "--window-size", "64", "--budgets", "64"], "must exceed the observation window"),
 ])
 def test_cli_rejects_bad_input_before_loading_a_model(argv, message, capsys, monkeypatch):
     monkeypatch.setattr("snapkv.core.loading.load_model", lambda *a, **k: pytest.fail("loaded a model"))
@@ -392,13 +394,18 @@ def test_cli_needle_and_tasks_write_their_outputs(tmp_path, monkeypatch):
     monkeypatch.setattr("snapkv.core.loading.load_model", lambda *a, **k: (model, TOKENIZER))
     haystack = tmp_path / "haystack.txt"
     haystack.write_text(HAYSTACK)
+    grids = []
+    real_grid = quality.method_grid
+    monkeypatch.setattr(quality, "method_grid", lambda *a, **k: grids.append(real_grid(*a, **k)) or grids[-1])
     out = tmp_path / "needle"
     assert cli.main(["needle", "--lengths", "300", "--depths", "0,1", "--methods", "full,snapkv", "--budgets", "64",
-                     "--haystack", str(haystack), "--out", str(out)]) == 0
+                     "--haystack", str(haystack), "--out", str(out), "--window-size", "24", "--kernel-size", "3"]) == 0
+    snap = grids[-1][-1].policy
+    assert (snap.window_size, snap.kernel_size) == (24, 3)
     for kind in ("png", "html", "csv", "json"):
         assert (out / f"needle.{kind}").stat().st_size > 0
     settings = json.loads((out / "needle.json").read_text())["settings"]
-    assert settings["lengths"] == [300] and settings["methods"] == ["full", "snapkv"]
+    assert settings["lengths"] == [300] and settings["methods"] == ["full", "snapkv"] and settings["window_size"] == 24
     assert len(pd.read_csv(out / "needle.csv")) == 2 * 2
     out = tmp_path / "tasks"
     assert cli.main(["tasks", "--tasks", "single_key", "--lengths", "300", "--samples", "1",
