@@ -55,7 +55,8 @@ def needle_heatmap_figure(table: pd.DataFrame, caption: str, mode: str = "questi
     columns = min(4, len(panels))
     rows_n = math.ceil(len(panels) / columns)
     sns.set_theme(style="white")
-    fig, axes = plt.subplots(rows_n, columns, figsize=(3.4 * columns + 1, 2.9 * rows_n + 0.6), squeeze=False)
+    fig, axes = plt.subplots(rows_n, columns, figsize=(3.4 * columns + 1, 3.2 * rows_n + 0.6), squeeze=False,
+                             gridspec_kw={"hspace": 0.5, "top": 1 - 0.8 / (3.2 * rows_n + 0.6)})
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     cmap = sns.color_palette("RdYlGn", as_cmap=True).with_extremes(bad="#d9d9d9")
