@@ -341,6 +341,8 @@ def test_needle_tokens_mark_the_value_and_retention_counts_kept_heads():
     task = quality.task_prompts(TOKENIZER, tasks=["single_key"], lengths=[300], samples=1, haystack_text=HAYSTACK)[0]
     with pytest.raises(ValueError, match="has no needle"):
         quality.needle_tokens(TOKENIZER, task)
+    with pytest.raises(ValueError, match="at least one needle prompt"):
+        quality.needle_retention_experiment(None, TOKENIZER, [], quality.method_grid(["full"], [], []))
 
 
 def test_needle_retention_experiment_matches_the_evaluated_answers(tiny_table):

@@ -739,6 +739,8 @@ def needle_retention_experiment(model, tokenizer, prompts: Sequence[QualityPromp
     """Which tokens of the needle sentence each method keeps (question-aware), with its answer: one row per
     (prompt, method, budget, needle token) with length, depth, sample, answer, score and the columns of
     `needle_retention`. Methods whose budget is >= the prompt's length are skipped, as in `evaluate`."""
+    if not prompts or not methods:
+        raise ValueError("needle_retention_experiment needs at least one needle prompt and one method")
     stop_ids = _stop_ids(tokenizer)
     frames = []
     for prompt in tqdm(prompts, desc="needle tokens", unit="prompt"):
