@@ -663,6 +663,27 @@ def _line_stop(tokenizer):
     return stop
 
 
+def _answers(model, tokenizer, prompts: Sequence[QualityPrompt], methods: Sequence[Method], *, modes, desc: str,
+             prefill_chunk_size: int | None, progress: bool = True):
+    """Yield (prompt, mode, method name, budget, answer text, GeneratedAnswer, prefill seconds) for every prompt,
+    from one shared prefill per prompt; methods whose budget is >= the prompt's length are skipped."""
+    stop_ids = _stop_ids(tokenizer)
+    bar = tqdm(prompts, desc=desc, unit="prompt", disable=not progress)
+    for prompt in bar:
+        bar.set_postfix_str(f"{prompt.task} {prompt.length} tokens")
+        chosen = [m for m in methods if m.budget is None or m.budget < prompt.length]
+        stop = _line_stop(tokenizer) if prompt.stop_at_newline else None
+        start = time.perf_counter()
+        answers = answers_with_shared_prefill(model, prompt.context_ids, prompt.tail_ids, chosen, modes=modes,
+                                              max_new_tokens=prompt.max_new_tokens, stop_ids=stop_ids, stop=stop,
+                                              prefill_chunk_size=prefill_chunk_size)
+        prefill_seconds = time.perf_counter() - start - sum(a.seconds for a in answers.values())
+        for (mode, name, budget), answer in answers.items():
+            text = tokenizer.decode(answer.tokens, skip_special_tokens=True)
+            yield prompt, mode, name, budget, text, answer, prefill_seconds
+    bar.close()
+
+
 def evaluate(model, tokenizer, prompts: Sequence[QualityPrompt], methods: Sequence[Method], *,
              modes: Sequence[str] = ("question-aware",), prefill_chunk_size: int | None = DEFAULT_PREFILL_CHUNK,
              progress: bool = True) -> pd.DataFrame:
@@ -677,29 +698,18 @@ def evaluate(model, tokenizer, prompts: Sequence[QualityPrompt], methods: Sequen
     if not prompts:
         raise ValueError("no prompts to evaluate")
     check_lengths_fit({p.length for p in prompts}, model, max(p.max_new_tokens for p in prompts))
-    stop_ids = _stop_ids(tokenizer)
     rows = []
-    bar = tqdm(prompts, desc="prompts", unit="prompt", disable=not progress)
-    for prompt in bar:
-        bar.set_postfix_str(f"{prompt.task} {prompt.length} tokens")
-        chosen = [m for m in methods if m.budget is None or m.budget < prompt.length]
-        stop = _line_stop(tokenizer) if prompt.stop_at_newline else None
-        start = time.perf_counter()
-        answers = answers_with_shared_prefill(model, prompt.context_ids, prompt.tail_ids, chosen, modes=modes,
-                                              max_new_tokens=prompt.max_new_tokens, stop_ids=stop_ids, stop=stop,
-                                              prefill_chunk_size=prefill_chunk_size)
-        prefill_seconds = time.perf_counter() - start - sum(a.seconds for a in answers.values())
-        for (mode, name, budget), answer in answers.items():
-            text = tokenizer.decode(answer.tokens, skip_special_tokens=True)
-            score, correct = score_answer(prompt, text)
-            partial = prefix_score(text, prompt.expected[0]) if len(prompt.expected) == 1 else float("nan")
-            rows.append(dict(task=prompt.task, length=prompt.length, prompt_tokens=prompt.prompt_tokens,
-                             depth=prompt.depth, needle_position=prompt.needle_position, sample=prompt.sample,
-                             mode=mode, method=name, budget=budget, score=score, correct=correct,
-                             prefix_score=partial, answer=text,
-                             expected=" | ".join(prompt.expected), cache_slots=answer.cache_slots,
-                             decode_seconds=round(answer.seconds, 3), prefill_seconds=round(prefill_seconds, 3)))
-    bar.close()
+    for prompt, mode, name, budget, text, answer, prefill_seconds in _answers(
+            model, tokenizer, prompts, methods, modes=modes, desc="prompts", prefill_chunk_size=prefill_chunk_size,
+            progress=progress):
+        score, correct = score_answer(prompt, text)
+        partial = prefix_score(text, prompt.expected[0]) if len(prompt.expected) == 1 else float("nan")
+        rows.append(dict(task=prompt.task, length=prompt.length, prompt_tokens=prompt.prompt_tokens,
+                         depth=prompt.depth, needle_position=prompt.needle_position, sample=prompt.sample,
+                         mode=mode, method=name, budget=budget, score=score, correct=correct,
+                         prefix_score=partial, answer=text,
+                         expected=" | ".join(prompt.expected), cache_slots=answer.cache_slots,
+                         decode_seconds=round(answer.seconds, 3), prefill_seconds=round(prefill_seconds, 3)))
     table = pd.DataFrame.from_records(rows)
     table["budget"] = table["budget"].astype("Int64")
     return table
@@ -741,19 +751,13 @@ def needle_retention_experiment(model, tokenizer, prompts: Sequence[QualityPromp
     `needle_retention`. Methods whose budget is >= the prompt's length are skipped, as in `evaluate`."""
     if not prompts or not methods:
         raise ValueError("needle_retention_experiment needs at least one needle prompt and one method")
-    stop_ids = _stop_ids(tokenizer)
-    frames = []
-    for prompt in tqdm(prompts, desc="needle tokens", unit="prompt"):
-        tokens = needle_tokens(tokenizer, prompt)
-        chosen = [m for m in methods if m.budget is None or m.budget < prompt.length]
-        answers = answers_with_shared_prefill(model, prompt.context_ids, prompt.tail_ids, chosen,
-                                              max_new_tokens=prompt.max_new_tokens, stop_ids=stop_ids,
-                                              stop=_line_stop(tokenizer), prefill_chunk_size=prefill_chunk_size)
-        for (_, name, budget), answer in answers.items():
-            text = tokenizer.decode(answer.tokens, skip_special_tokens=True)
-            frames.append(needle_retention(tokens, answer.kept_positions).assign(
-                length=prompt.length, depth=prompt.depth, sample=prompt.sample, method=name, budget=budget,
-                answer=text, score=score_answer(prompt, text)[0]))
+    tokens = {id(prompt): needle_tokens(tokenizer, prompt) for prompt in prompts}
+    frames = [needle_retention(tokens[id(prompt)], answer.kept_positions).assign(
+                  length=prompt.length, depth=prompt.depth, sample=prompt.sample, method=name, budget=budget,
+                  answer=text, score=score_answer(prompt, text)[0])
+              for prompt, _, name, budget, text, answer, _ in _answers(
+                  model, tokenizer, prompts, methods, modes=("question-aware",), desc="needle tokens",
+                  prefill_chunk_size=prefill_chunk_size)]
     table = pd.concat(frames, ignore_index=True)
     table["budget"] = table["budget"].astype("Int64")
     return table
