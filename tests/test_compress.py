@@ -180,3 +180,12 @@ def test_bad_session_input_fails_before_any_model_work():
             pass
     assert calls == []
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_prefill_holds_only_the_window_of_queries(model):
+    # a slice of the prompt's queries would keep all of them alive until compression (memory ~ prompt x layers)
+    with snapkv.compress(model, SNAP) as session:
+        model(prompt_ids(1), use_cache=True)
+        windows = [state.query_window for state in session._layers.values()]
+    assert windows and all(w.shape[-2] == SNAP.window_size for w in windows)
+    assert all(w.untyped_storage().nbytes() == w.numel() * w.element_size() for w in windows)

@@ -486,3 +486,12 @@ def test_smollm_recording_changes_nothing_and_teacher_forcing_matches(smollm):
                               atol=ATOL, rtol=0)
         assert torch.allclose(forced.observation_attention(layer), rec.trace.observation_attention(layer),
                               atol=ATOL, rtol=0)
+
+
+def test_prefill_holds_only_the_window_of_queries(qwen3):
+    # a slice of the prompt's queries would keep all of them alive while the prompt is recorded
+    with snapkv.record(qwen3, window_size=WINDOW) as rec:
+        qwen3(prompt_ids(1), use_cache=True)
+        windows = list(rec._prompt.query_window.values())
+    assert windows and all(w.shape[-2] == WINDOW for w in windows)
+    assert all(w.untyped_storage().nbytes() == w.numel() * w.element_size() for w in windows)

@@ -386,7 +386,7 @@ class Recorder:
     def _prefill(self, call: AttentionCall, prompt: _Prompt) -> None:
         previous = prompt.query_window.get(call.layer)
         joined = call.query if previous is None else torch.cat([previous, call.query], dim=-2)
-        window = joined[:, :, -self.window_size :].detach()
+        window = joined[:, :, -self.window_size :].detach().clone()  # not a view of all the queries
         prompt.query_window[call.layer] = window
         prompt.observation[call.layer] = self._observe(call, prompt, window, prompt.width).cpu()
         self._note_kept(call, prompt)

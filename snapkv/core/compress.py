@@ -30,8 +30,9 @@ class _LayerPrefill:
 
 
 def _append_window(previous: torch.Tensor | None, query: torch.Tensor, window: int) -> torch.Tensor:
+    """The last `window` query rows, copied: a slice would keep the whole prompt's queries alive."""
     joined = query if previous is None else torch.cat([previous, query], dim=-2)
-    return joined[..., -window:, :]
+    return joined[..., -window:, :].clone()
 
 
 def _cache_from_call(args, kwargs):

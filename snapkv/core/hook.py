@@ -56,7 +56,7 @@ def key_padding_mask(mask: torch.Tensor | None, slots: int) -> torch.Tensor | No
     if mask is None:
         return None
     last_row = mask[:, 0, -1, -slots:]
-    return last_row if last_row.dtype == torch.bool else last_row == 0
+    return last_row.clone() if last_row.dtype == torch.bool else last_row == 0  # not a view of the whole mask
 
 
 def snapkv_attention(module, query, key, value, attention_mask, **kwargs):
