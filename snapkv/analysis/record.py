@@ -23,7 +23,7 @@ import torch
 
 from snapkv.analysis.results import environment
 from snapkv.analysis.trace import FORMAT_VERSION, REDUCERS, Trace
-from snapkv.core.compress import CompressionSession, attach
+from snapkv.core.compress import CompressionSession, append_window, attach
 from snapkv.core.hook import ACTIVE_TAPS, AttentionCall
 from snapkv.core.selection import observation_attention
 
@@ -384,9 +384,7 @@ class Recorder:
         return to_prompt_positions(probs, slots, keys_end)[0]
 
     def _prefill(self, call: AttentionCall, prompt: _Prompt) -> None:
-        previous = prompt.query_window.get(call.layer)
-        joined = call.query if previous is None else torch.cat([previous, call.query], dim=-2)
-        window = joined[:, :, -self.window_size :].detach().clone()  # not a view of all the queries
+        window = append_window(prompt.query_window.get(call.layer), call.query.detach(), self.window_size)
         prompt.query_window[call.layer] = window
         prompt.observation[call.layer] = self._observe(call, prompt, window, prompt.width).cpu()
         self._note_kept(call, prompt)

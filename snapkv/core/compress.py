@@ -29,7 +29,7 @@ class _LayerPrefill:
     done: bool = False
 
 
-def _append_window(previous: torch.Tensor | None, query: torch.Tensor, window: int) -> torch.Tensor:
+def append_window(previous: torch.Tensor | None, query: torch.Tensor, window: int) -> torch.Tensor:
     """The last `window` query rows, copied: a slice would keep the whole prompt's queries alive."""
     joined = query if previous is None else torch.cat([previous, query], dim=-2)
     return joined[..., -window:, :].clone()
@@ -130,7 +130,7 @@ class CompressionSession:
                                      call.scaling, padding)
         window = max(self.policy.window_size, 1)
         return _LayerPrefill(
-            query_window=_append_window(state.query_window if state else None, call.query, window),
+            query_window=append_window(state.query_window if state else None, call.query, window),
             padding_mask=padding, accumulated=accumulated,
         )
 
