@@ -104,7 +104,7 @@ def run_grid(model, settings: dict, on_row, measure=None) -> list[dict]:
     policy, decode_tokens=, prefill_chunk_size=)` defaults to `snapkv.analysis.speed.decode_speed`."""
     import torch
 
-    from snapkv.analysis.speed import decode_speed, method_name
+    from snapkv.analysis.speed.measure import decode_speed, method_name
 
     measure = measure or decode_speed
     device = next(model.parameters()).device

@@ -94,7 +94,7 @@ class ForwardClock:
 
 def overhead_run(prompt_tokens: int, new_tokens: int, repeats: int, window_size: int) -> dict:
     import snapkv
-    from snapkv.analysis import estimate_trace_bytes
+    from snapkv.core.record import estimate_trace_bytes
 
     model, tokenizer = snapkv.load_model()
     config = model.config
@@ -159,7 +159,7 @@ def long_prompt_run(prompt_tokens: int, new_tokens: int, chunk: int, window_size
     """In a fresh process: record a long prompt within the default max_bytes, with chunked prefill."""
     torch.set_num_threads(threads)
     import snapkv
-    from snapkv.analysis import estimate_trace_bytes
+    from snapkv.core.record import estimate_trace_bytes
 
     model, tokenizer = snapkv.load_model()
     ids = stdlib_ids(tokenizer, prompt_tokens)
@@ -192,7 +192,7 @@ def long_prompt_run(prompt_tokens: int, new_tokens: int, chunk: int, window_size
 
 
 def environment() -> dict:
-    from snapkv.analysis.results import environment as versions
+    from snapkv.analysis.reporting.results import environment as versions
     from snapkv.core.loading import DEFAULT_MODEL_ID
 
     return versions() | {"model_id": DEFAULT_MODEL_ID, "device": "cpu", "torch_threads": torch.get_num_threads(),

@@ -47,7 +47,7 @@ def add_reproduce_command(subparsers) -> None:
 def _reproduce(args) -> int:
     from pathlib import Path
 
-    from snapkv.analysis.reproduce import INDEX, default_benchmarks, reproduce
+    from snapkv.analysis.reporting.reproduce import INDEX, default_benchmarks, reproduce
 
     benchmarks = None
     if args.no_benchmarks:
@@ -92,7 +92,7 @@ def add_build_data_command(subparsers) -> None:
 
 
 def _build_data(args) -> int:
-    from snapkv.analysis.prompts import build_prompt_sets
+    from snapkv.analysis.text import build_prompt_sets
     from snapkv.core.loading import load_model
 
     _, tokenizer = load_model()
@@ -188,7 +188,7 @@ def add_tasks_command(subparsers) -> None:
 
 def _quality_settings(args, quick: dict, defaults: dict) -> dict:
     from snapkv.analysis import quality
-    from snapkv.analysis.reproduce import check_device
+    from snapkv.analysis.reporting.reproduce import check_device
 
     def pick(name, kind, fallback):
         value = getattr(args, name)
@@ -211,8 +211,8 @@ def _quality_settings(args, quick: dict, defaults: dict) -> dict:
     samples = pick("samples", int, [defaults["samples"]])
     if len(samples) != 1:
         raise ValueError(f"--samples expects one positive int, got {args.samples!r}")
-    settings["samples"] = quality._check_samples(samples[0])
-    quality._check_lengths(settings["lengths"])
+    settings["samples"] = quality.check_samples(samples[0])
+    quality.check_lengths(settings["lengths"])
     if settings["window_size"] < 1 or settings["kernel_size"] < 1 or settings["kernel_size"] % 2 == 0:
         raise ValueError(f"--window-size must be >= 1 and --kernel-size a positive odd int, got "
                          f"{settings['window_size']} and {settings['kernel_size']}")
@@ -242,8 +242,10 @@ def _needle(args) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    from snapkv.analysis import quality, quality_plots
-    from snapkv.analysis.results import save_result
+    from snapkv.analysis import quality
+    from snapkv.analysis.quality import plots as quality_plots
+    from snapkv.analysis.reporting.results import save_result
+    from snapkv.analysis.text import load_haystack
 
     quick = dict(methods="full,snapkv", budgets="128", ablation_budgets="", lengths="512", depths="0,0.5,1")
     settings = _quality_settings(args, quick, {"modes": ["question-aware"], "samples": 1})
@@ -254,7 +256,7 @@ def _needle(args) -> int:
     if args.needle_format not in quality.NEEDLE_FORMATS:
         raise ValueError(f"unknown --needle-format {args.needle_format!r}: choose from {quality.NEEDLE_FORMATS}")
     settings |= dict(needle_format=args.needle_format, haystack=args.haystack)
-    haystack = quality.load_haystack(args.haystack)
+    haystack = load_haystack(args.haystack)
     methods = quality.method_grid(settings["methods"], settings["budgets"], settings["ablation_budgets"],
                                   window_size=settings["window_size"], kernel_size=settings["kernel_size"])
     model, tokenizer = _load_for_quality(settings, 12)
@@ -295,8 +297,10 @@ def _tasks(args) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    from snapkv.analysis import quality, quality_plots
-    from snapkv.analysis.results import save_result
+    from snapkv.analysis import quality
+    from snapkv.analysis.quality import plots as quality_plots
+    from snapkv.analysis.reporting.results import save_result
+    from snapkv.analysis.text import load_haystack
 
     quick = dict(methods="full,snapkv", budgets="128", ablation_budgets="", lengths="512", tasks="single_key",
                  samples=[1])
@@ -307,12 +311,12 @@ def _tasks(args) -> int:
     if unknown or not settings["tasks"]:
         raise ValueError(f"unknown task(s) {unknown or tasks!r}: choose from {', '.join(quality.TASKS)}")
     settings["threshold"] = _comma_list(args.threshold, float, "threshold")[0]
-    settings["calibration_samples"] = quality._check_samples(
+    settings["calibration_samples"] = quality.check_samples(
         _comma_list(args.calibration_samples, int, "calibration-samples")[0])
     settings["haystack"] = args.haystack
     if "full" not in settings["methods"]:
         raise ValueError("--methods must include full: the suite calibrates on the full cache")
-    haystack = quality.load_haystack(args.haystack)
+    haystack = load_haystack(args.haystack)
     methods = quality.method_grid(settings["methods"], settings["budgets"], settings["ablation_budgets"],
                                   window_size=settings["window_size"], kernel_size=settings["kernel_size"])
     model, tokenizer = _load_for_quality(settings, 40)

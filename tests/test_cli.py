@@ -6,7 +6,7 @@ import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 
 from snapkv import cli
-from snapkv.analysis.notebooks import run_notebooks
+from snapkv.analysis.reporting.notebooks import run_notebooks
 
 
 def write_notebook(path, *sources):

@@ -1,6 +1,22 @@
-"""Analysis: attention recording (`record`, `record_teacher_forced`) and traces on disk (`Trace`)."""
+"""Analysis: one subpackage per experiment family, each with functions that return tidy DataFrames, readings
+computed from them and one plot function per figure.
 
-from snapkv.analysis.record import Recorder, estimate_trace_bytes, record, record_teacher_forced
-from snapkv.analysis.trace import Trace
+observation/  does the observation window predict what generation attends to (notebooks 01-05)
+quality/      what compression costs in answers: needle grid and task suite (06, 07)
+speed/        what it saves in time and memory (08, benchmarks/)
+explorer/     one head of a saved trace at a time (09)
+reporting/    results saved with their settings, the notebook runner, `snapkv reproduce` and its index page
+text.py       the one place that builds text and prompt sets from the standard library
 
-__all__ = ["Recorder", "Trace", "estimate_trace_bytes", "record", "record_teacher_forced"]
+The observation functions are importable from here: `from snapkv.analysis import hit_rate_along_generation`.
+"""
+
+from snapkv.analysis.observation import (
+    hit_rate_along_generation,
+    hit_rate_table,
+    voted_overlap,
+    voted_set,
+    windows_along_prompt,
+)
+
+__all__ = ["hit_rate_along_generation", "hit_rate_table", "voted_overlap", "voted_set", "windows_along_prompt"]

@@ -1,10 +1,21 @@
-"""The compression engine: selection math, policies, the attention hook, model loading."""
+"""The engine: everything that touches a model.
 
-from snapkv.core.compress import CompressionSession, compress
-from snapkv.core.policies import H2O, FullCache, Policy, RandomEviction, SnapKV, StreamingLLM
+hook (the one attention function and the Tap base) -> selection (pure math: which positions a head keeps)
+-> policies (SnapKV and baselines as frozen configs) -> cache (the compressed cache layer) -> compress
+(`snapkv.compress`) and record (`snapkv.record`, saved as a `Trace`); loading (`snapkv.load_model`) and compat
+(every call that depends on the transformers version).
+"""
+
+from snapkv.core.compress import CompressionSession, attach, compress
+from snapkv.core.hook import AttentionCall
+from snapkv.core.loading import load_model
+from snapkv.core.policies import H2O, FullCache, Policy, PrefillView, RandomEviction, SnapKV, StreamingLLM
+from snapkv.core.record import Recorder, estimate_trace_bytes, record, record_teacher_forced
 from snapkv.core.selection import observation_attention, select_positions
+from snapkv.core.trace import Trace
 
 __all__ = [
-    "H2O", "CompressionSession", "FullCache", "Policy", "RandomEviction", "SnapKV", "StreamingLLM",
-    "compress", "observation_attention", "select_positions",
+    "H2O", "AttentionCall", "CompressionSession", "FullCache", "Policy", "PrefillView", "RandomEviction", "Recorder",
+    "SnapKV", "StreamingLLM", "Trace", "attach", "compress", "estimate_trace_bytes", "load_model",
+    "observation_attention", "record", "record_teacher_forced", "select_positions",
 ]

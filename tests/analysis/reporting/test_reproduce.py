@@ -11,8 +11,8 @@ import torch
 from nbformat.v4 import new_code_cell, new_notebook
 
 from snapkv import cli
-from snapkv.analysis.notebooks import read_run_record
-from snapkv.analysis.reproduce import Benchmark, default_benchmarks, reproduce, write_index
+from snapkv.analysis.reporting.notebooks import read_run_record
+from snapkv.analysis.reporting.reproduce import Benchmark, default_benchmarks, reproduce, write_index
 
 KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
 
@@ -224,14 +224,14 @@ def test_benchmarks_are_found_next_to_the_notebooks_and_cuda_ones_wait_for_a_gpu
     assert [b.name for b in default_benchmarks(folder)] == ["speed_memory", "gpu_scale"]
     write_notebook(notebooks / "01_only.ipynb", "print(1)")
 
-    monkeypatch.setattr("snapkv.analysis.reproduce._cuda_available", lambda: False)
+    monkeypatch.setattr("snapkv.analysis.reporting.reproduce._cuda_available", lambda: False)
     parts = reproduce(out, notebook_dir=notebooks, quick=True, progress=False)
     assert parts.set_index("part").status.to_dict() == {"01_only.ipynb": "ok", "speed_memory": "ok",
                                                         "gpu_scale": "not run"}
     assert "measuring True" in (out / "benchmarks" / "speed_memory.log").read_text()  # --quick was passed
     assert "needs a CUDA device" in (out / "index.html").read_text()
 
-    monkeypatch.setattr("snapkv.analysis.reproduce._cuda_available", lambda: True)
+    monkeypatch.setattr("snapkv.analysis.reporting.reproduce._cuda_available", lambda: True)
     parts = reproduce(out, notebook_dir=notebooks, quick=True, progress=False)
     assert parts.set_index("part").status.to_dict() == {"01_only.ipynb": "skipped", "speed_memory": "skipped",
                                                         "gpu_scale": "ok"}

@@ -19,7 +19,7 @@ from tiny_models import tiny_model  # noqa: E402
 import snapkv  # noqa: E402
 from snapkv.analysis import speed  # noqa: E402
 
-GPU_SCALE = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_scale.py"
+GPU_SCALE = Path(__file__).resolve().parents[3] / "benchmarks" / "gpu_scale.py"
 
 
 @pytest.fixture(autouse=True)
@@ -69,7 +69,7 @@ def test_decode_speed_measures_the_cache_it_decoded_with(chunk):
 def test_a_shared_prefix_gives_the_same_cache_as_a_whole_prefill():
     model = tiny_model("llama")
     ids = torch.randint(1, 128, (1, 60), generator=torch.Generator().manual_seed(0))
-    prefix = speed._new_cache(model)
+    prefix = speed.measure._new_cache(model)
     with torch.inference_mode():
         speed.prefill(model, ids[:, :40], prefix)
     copied = speed.copy_cache(model, prefix, batch_size=3)

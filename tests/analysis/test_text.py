@@ -2,7 +2,7 @@
 
 import pytest
 
-from snapkv.analysis.prompts import (
+from snapkv.analysis.text import (
     MAX_TOKENS,
     MIN_TOKENS,
     build_prompt_sets,

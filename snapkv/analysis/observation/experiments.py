@@ -10,15 +10,15 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from snapkv.analysis.metrics import metric_records, sensitivity_table, sink_positions, voted_set
-from snapkv.analysis.observation import (
+from snapkv.analysis.observation.attention import (
     greedy_continuation,
     hit_rate_along_generation,
     teacher_forced_attention,
     voted_overlap,
     windows_along_prompt,
 )
-from snapkv.analysis.prompts import chat_ids, chat_request, cut_to_tokens
+from snapkv.analysis.observation.metrics import metric_records, sensitivity_table, sink_positions, voted_set
+from snapkv.analysis.text import chat_ids, chat_request, cut_to_tokens
 
 
 def _response_ids(tokenizer, text: str, tokens: int) -> torch.Tensor:

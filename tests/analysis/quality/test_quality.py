@@ -15,7 +15,8 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 import snapkv
 from snapkv import cli
-from snapkv.analysis import quality, quality_plots
+from snapkv.analysis import quality, text
+from snapkv.analysis.quality import plots as quality_plots
 
 EOS = 127
 
@@ -37,7 +38,7 @@ class AsciiTokenizer:
 
 
 TOKENIZER = AsciiTokenizer()
-HAYSTACK = quality.stdlib_haystack_text(["textwrap", "csv", "json"])
+HAYSTACK = text.stdlib_haystack_text(["textwrap", "csv", "json"])
 
 
 # -- generators -----------------------------------------------------------------------------------------------
@@ -48,7 +49,7 @@ def test_needle_starts_exactly_at_its_depth():
     prompts = quality.needle_prompts(TOKENIZER, lengths=[400, 700], depths=depths, samples=2,
                                      haystack_text=HAYSTACK)
     assert len(prompts) == 2 * 2 * len(depths)
-    head = len(quality.chat_parts(TOKENIZER)[0])
+    head = len(text.chat_parts(TOKENIZER)[0])
     for p in prompts:
         assert p.prompt_tokens == p.length
         needle = TOKENIZER(f"\n{p.needle}\n").input_ids
@@ -80,7 +81,7 @@ def test_task_prompts_hold_their_facts():
         context = TOKENIZER.decode(p.context_ids)
         assert p.prompt_tokens <= p.length
         if p.task == "code_completion":
-            assert p.scoring == "edit_similarity" and quality._good_target_line(p.expected[0])
+            assert p.scoring == "edit_similarity" and quality.prompts._good_target_line(p.expected[0])
             assert context.endswith("\n") and p.expected[0] not in context[-200:].splitlines()[-1:]
             continue
         assert p.prompt_tokens == p.length
@@ -98,11 +99,11 @@ def test_task_prompts_hold_their_facts():
 def test_fill_places_several_inserts_in_depth_order():
     import random
     haystack = list(range(1000, 2000))
-    ids, starts = quality._fill(haystack, [(0.8, [1, 2]), (0.2, [3]), (0.2, [4, 5])], 50, random.Random(0))
+    ids, starts = quality.prompts._fill(haystack, [(0.8, [1, 2]), (0.2, [3]), (0.2, [4, 5])], 50, random.Random(0))
     assert len(ids) == 50 and ids[starts[0] : starts[0] + 2] == [1, 2] and ids[starts[1]] == 3
     assert starts[1] < starts[2] < starts[0]
     with pytest.raises(ValueError, match="haystack has"):
-        quality._fill(haystack[:10], [(0.5, [1])], 50, random.Random(0))
+        quality.prompts._fill(haystack[:10], [(0.5, [1])], 50, random.Random(0))
 
 
 # -- scoring --------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """`snapkv reproduce`: every notebook and benchmark into one folder, and one page that links it all.
 
-Parts, in order: each notebook of `notebook_dir` (papermill, see `snapkv.analysis.notebooks`), then each
+Parts, in order: each notebook of `notebook_dir` (papermill, see `snapkv.analysis.reporting.notebooks`), then each
 benchmark script found in `benchmark_dir` (default: the `benchmarks/` folder next to `notebook_dir`),
 run in a subprocess as `python SCRIPT --out <out>/benchmarks [--quick]` with its output in
 `<out>/benchmarks/NAME.log`. A benchmark that needs CUDA is "not run" on a machine without it.
@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from snapkv.analysis import notebooks as runner
+from snapkv.analysis.reporting import notebooks as runner
 
 INDEX = "index.html"
 FIGURES = "figures"

@@ -12,7 +12,7 @@ from tiny_models import tiny_model  # noqa: E402
 
 import snapkv  # noqa: E402
 from snapkv.analysis import explorer  # noqa: E402
-from snapkv.analysis.trace import FORMAT_VERSION, Trace  # noqa: E402
+from snapkv.core.trace import FORMAT_VERSION, Trace  # noqa: E402
 
 HEADS, WINDOW, PROMPT, GENERATED = 4, 4, 24, 3
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from snapkv.analysis.reproduce import reproduce
+from snapkv.analysis.reporting.reproduce import reproduce
 
 pytestmark = pytest.mark.slow
 

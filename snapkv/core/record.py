@@ -1,6 +1,6 @@
 """`snapkv.record(model)`: record what every attention head looks at, through the one attention hook.
 
-Per layer and query head, in input positions of the prompt (see `snapkv.analysis.trace`):
+Per layer and query head, in input positions of the prompt (see `snapkv.core.trace`):
   prefill    the observation window's attention over the prompt (window x n), exactly the probabilities
              SnapKV votes with (`observation_attention`); recomputed at each prefill chunk, the last one kept
   decoding   one row per step: the new token's attention over the cache, mapped back to prompt positions
@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from snapkv.analysis.results import environment
-from snapkv.analysis.trace import FORMAT_VERSION, REDUCERS, Trace
 from snapkv.core.compress import CompressionSession, append_window, attach
+from snapkv.core.environment import environment
 from snapkv.core.hook import ACTIVE_TAPS, AttentionCall
 from snapkv.core.selection import observation_attention
+from snapkv.core.trace import FORMAT_VERSION, REDUCERS, Trace
 
 FLOAT_BYTES = 4
 

@@ -12,7 +12,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 import snapkv
-from snapkv.analysis import Recorder, Trace, estimate_trace_bytes, record_teacher_forced
+from snapkv.core.record import Recorder, estimate_trace_bytes, record_teacher_forced
+from snapkv.core.trace import Trace
 
 PROMPT, WINDOW, NEW = 40, 8, 6
 SNAP = snapkv.SnapKV(window_size=WINDOW, max_capacity_prompt=20, kernel_size=3)

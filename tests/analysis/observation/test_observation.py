@@ -5,7 +5,7 @@ import torch
 from reference import direct_hit_rate
 from tiny_models import tiny_model
 
-from snapkv.analysis.observation import hit_rate_along_generation, voted_overlap, windows_along_prompt
+from snapkv.analysis.observation.attention import hit_rate_along_generation, voted_overlap, windows_along_prompt
 
 
 def eager_attentions(model, ids):

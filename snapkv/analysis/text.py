@@ -1,6 +1,7 @@
-"""Prompt sets built from text every Python install has: the standard library's own source.
+"""Text every Python install has, the standard library's own source and docstrings: the one place that
+builds prompts and haystacks from it (observation prompt sets, needle haystacks, speed-benchmark prompts).
 
-Two sets, regenerated deterministically by `build_prompt_sets` (`snapkv build-data`):
+Two prompt sets, regenerated deterministically by `build_prompt_sets` (`snapkv build-data`):
 
 documents.jsonl  one record per module: a document of 2K-7K tokens (the module's source cut at a line
                  boundary to a length drawn with a fixed seed) and 4 questions, each about a different
@@ -15,9 +16,11 @@ whose lengths fall outside 2K-7K tokens.
 """
 
 import ast
+import functools
 import importlib.util
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 MODULES = (
@@ -153,3 +156,52 @@ def load_prompt_set(name: str, data_dir="data") -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: build it with `snapkv build-data --out {data_dir}`")
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def stdlib_haystack_text(modules: Sequence[str] = MODULES) -> str:
+    """Prose from the standard library: every module, class and function docstring of `modules`
+    (at least 80 characters), in source order, separated by blank lines."""
+    return _docstrings(tuple(modules))
+
+
+@functools.lru_cache(maxsize=4)
+def _docstrings(modules: tuple[str, ...]) -> str:
+    parts = []
+    for name in modules:
+        tree = ast.parse(module_source(name))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= 80:
+                    parts.append(doc.strip())
+    return "\n\n".join(parts)
+
+
+def load_haystack(path=None) -> str:
+    """The text of `path` (any UTF-8 text file), or the standard-library docstrings when None."""
+    if path is None:
+        return stdlib_haystack_text()
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"haystack file {str(path)!r} does not exist: pass a UTF-8 text file")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise ValueError(f"haystack file {str(path)!r} is empty")
+    return text
+
+
+def token_ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def chat_parts(tokenizer) -> tuple[list[int], str]:
+    """(head ids, end text) of a one-turn chat prompt: head ids precede the user's content, the end text
+    (end of turn + assistant header) follows it."""
+    marker = "\u2063SNAPKV\u2063"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
+                                         add_generation_prompt=True)
+    head, found, end = text.partition(marker)
+    if not found:
+        raise ValueError("the tokenizer's chat template drops the user content: cannot build prompts")
+    return token_ids(tokenizer, head), end
+

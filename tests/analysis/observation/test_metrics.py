@@ -5,7 +5,14 @@ import pytest
 import torch
 from reference import direct_hit_rate
 
-from snapkv.analysis.metrics import hit_rate_table, pool, reference_set, sink_positions, summarize, voted_set
+from snapkv.analysis.observation.metrics import (
+    hit_rate_table,
+    pool,
+    reference_set,
+    sink_positions,
+    summarize,
+    voted_set,
+)
 
 
 def test_hit_rate_table_matches_direct_sets():

@@ -17,10 +17,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from snapkv.analysis.trace import Trace
 from snapkv.core.selection import GQA_MODES, POOLINGS, aggregate_gqa, pool_scores, top_positions
-
-MAX_HOVER_CELLS = 400_000  # heatmap cells that get a token in their hover text
+from snapkv.core.trace import Trace
 
 
 # -- tokens ----------------------------------------------------------------------------------------
@@ -203,7 +201,7 @@ def head_table(trace: Trace, layer: int, head: int, *, budget: int, window_size:
         "kept": np.isin(np.arange(n), kept.numpy()),
         "in_window": np.arange(n) >= prefix,
     })
-    rows = _generation_rows_or_none(trace, layer, row)
+    rows = generation_rows_or_none(trace, layer, row)
     table["generation_mean"] = rows[0][head].mean(0).numpy() if rows else np.nan
     table["generation_max"] = rows[0][head].amax(0).numpy() if rows else np.nan
     return table
@@ -269,7 +267,7 @@ def kept_attention_table(trace: Trace, *, budget: int, window_size: int | None =
     return pd.DataFrame(records)
 
 
-def _generation_rows_or_none(trace: Trace, layer: int, row: int):
+def generation_rows_or_none(trace: Trace, layer: int, row: int):
     if not trace.metadata.get("generation") or trace.generated == 0:
         return None
     return generation_rows(trace, layer, row)
@@ -282,128 +280,6 @@ def _check_head(trace: Trace, head: int) -> None:
 
 
 # -- figures ---------------------------------------------------------------------------------------
-def _title(trace: Trace, layer: int, head: int, budget: int, table: pd.DataFrame, steps: pd.DataFrame | None) -> str:
-    share = "" if steps is None or not len(steps) else (
-        f", generation attention on kept: {steps.kept_share.mean():.0%} "
-        f"({steps.kept_share_after_sink.mean():.0%} after the first 4 positions)")
-    return (f"{trace.metadata.get('model_id')}, layer {layer}, head {head}: budget {budget} keeps "
-            f"{int(table.kept.sum())} of {len(table)} prompt positions{share}")
-
-
-def explorer_figure(trace: Trace, layer: int, head: int, *, budget: int, window_size: int | None = None,
-                    kernel_size: int = 7, pooling: str = "maxpool", gqa: str | None = None, kv_heads: int | None = None,
-                    tokenizer=None, row: int = 0):
-    """Plotly figure, x = prompt position in three aligned panels: the window's votes (pooled score) with the
-    kept positions marked; each generated row's attention (heatmap); generation's mean attention with the kept
-    positions marked. Hover shows the prompt token under the cursor (and the generated token of a row)."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    settings = dict(budget=budget, window_size=window_size, kernel_size=kernel_size, pooling=pooling, gqa=gqa,
-                    kv_heads=kv_heads, tokenizer=tokenizer, row=row)
-    table = head_table(trace, layer, head, **settings)
-    generated = _generation_rows_or_none(trace, layer, row)
-    steps = generation_table(trace, layer, head, **settings) if generated else None
-    kept = table[table.kept]
-    tokens = table.token.to_numpy()
-    figure = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.05, row_heights=[0.25, 0.5, 0.25],
-                           subplot_titles=["observation window votes (score SnapKV ranks)",
-                                           f"generation attention per {generated[1] if generated else 'token'}",
-                                           "generation attention, mean over rows"])
-    hover = "position %{x}: %{customdata}<br>%{y:.4f}<extra></extra>"
-    figure.add_trace(go.Scatter(x=table.position, y=table.score, name="score (pooled votes)", mode="lines",
-                                customdata=tokens, hovertemplate=hover, line={"color": "#1f77b4"}), row=1, col=1)
-    figure.add_trace(go.Scatter(x=table.position, y=table.vote, name="vote (this head)", mode="lines",
-                                customdata=tokens, hovertemplate=hover, line={"color": "#aec7e8", "width": 1}),
-                     row=1, col=1)
-    figure.add_trace(go.Scatter(x=kept.position, y=kept.score.fillna(0), name=f"kept ({len(kept)})", mode="markers",
-                                customdata=kept.token, hovertemplate="kept %{x}: %{customdata}<extra></extra>",
-                                marker={"color": "#d62728", "size": 5}), row=1, col=1)
-    if generated:
-        attention = generated[0][head].numpy()
-        _, labels = token_labels(trace, tokenizer, row)
-        labels = (labels if trace.reducer != "window_sum" else [f"window {i}" for i in range(attention.shape[0])])
-        labels = labels[: attention.shape[0]]
-        heatmap = dict(z=attention, x=table.position, y=np.arange(attention.shape[0]), colorscale="Viridis",
-                       colorbar={"title": "attention", "len": 0.45, "y": 0.5}, name="generation")
-        if attention.size <= MAX_HOVER_CELLS:
-            cells = np.empty(attention.shape, dtype=object)
-            for i, label in enumerate(labels):
-                cells[i] = [f"{label!r} -> {token!r}" for token in tokens]
-            heatmap |= dict(customdata=cells, hovertemplate="row %{y} -> position %{x}<br>%{customdata}<br>"
-                                                            "%{z:.4f}<extra></extra>")
-        figure.add_trace(go.Heatmap(**heatmap), row=2, col=1)
-        figure.add_trace(go.Scatter(x=table.position, y=table.generation_mean, name="generation mean", mode="lines",
-                                    customdata=tokens, hovertemplate=hover, line={"color": "#2ca02c"}), row=3, col=1)
-        figure.add_trace(go.Scatter(x=kept.position, y=kept.generation_mean, name="kept", mode="markers",
-                                    customdata=kept.token, hovertemplate="kept %{x}: %{customdata}<extra></extra>",
-                                    marker={"color": "#d62728", "size": 5}, showlegend=False), row=3, col=1)
-        figure.update_yaxes(title_text="generated row", autorange="reversed", row=2, col=1)
-    window_start = int(table.position[table.in_window].min())
-    for panel in (1, 2, 3):
-        figure.add_vrect(x0=window_start - 0.5, x1=len(table) - 0.5, fillcolor="grey", opacity=0.15, line_width=0,
-                         row=panel, col=1)
-    figure.update_yaxes(type="log", row=1, col=1)
-    figure.update_yaxes(type="log", row=3, col=1)
-    figure.update_xaxes(title_text="prompt position (grey: observation window)", row=3, col=1)
-    figure.update_layout(title=_title(trace, layer, head, budget, table, steps), height=760,
-                         legend={"orientation": "h", "y": -0.12}, hovermode="closest")
-    return figure
-
-
-def static_figure(trace: Trace, layer: int, head: int, *, budget: int, window_size: int | None = None,
-                  kernel_size: int = 7, pooling: str = "maxpool", gqa: str | None = None, kv_heads: int | None = None,
-                  tokenizer=None, row: int = 0):
-    """The same three panels as `explorer_figure`, in matplotlib/seaborn (for PNG and headless runs)."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    settings = dict(budget=budget, window_size=window_size, kernel_size=kernel_size, pooling=pooling, gqa=gqa,
-                    kv_heads=kv_heads, tokenizer=tokenizer, row=row)
-    table = head_table(trace, layer, head, **settings)
-    generated = _generation_rows_or_none(trace, layer, row)
-    steps = generation_table(trace, layer, head, **settings) if generated else None
-    kept = table[table.kept]
-    sns.set_theme(style="whitegrid")
-    figure, (votes, heat, mean) = plt.subplots(3, 1, figsize=(12, 8.5), sharex=True, layout="constrained",
-                                               gridspec_kw={"height_ratios": [1, 2, 1]})
-    votes.plot(table.position, table.score, color="#1f77b4", lw=1, label="score (pooled votes)")
-    votes.plot(table.position, table.vote, color="#aec7e8", lw=0.8, label="vote (this head)")
-    votes.scatter(kept.position, kept.score.fillna(0), s=6, color="#d62728", zorder=3, label=f"kept ({len(kept)})")
-    votes.set(ylabel="window votes (log)")
-    votes.legend(fontsize=8, loc="upper left")
-    window_start = int(table.position[table.in_window].min())
-    if generated:
-        attention = generated[0][head].numpy()
-        image = heat.imshow(attention, aspect="auto", interpolation="nearest", cmap="viridis",
-                            extent=(-0.5, len(table) - 0.5, attention.shape[0] - 0.5, -0.5),
-                            vmax=max(float(np.quantile(attention, 0.995)), 1e-6))
-        figure.colorbar(image, ax=[votes, heat, mean], pad=0.01, shrink=0.5, label="attention")
-        heat.set(ylabel=f"generated {generated[1]}")
-        heat.grid(False)
-        mean.plot(table.position, table.generation_mean, color="#2ca02c", lw=1)
-        mean.scatter(kept.position, kept.generation_mean, s=6, color="#d62728", zorder=3)
-    else:
-        heat.text(0.5, 0.5, "no generated rows in this trace", ha="center", transform=heat.transAxes)
-    mean.set(ylabel="generation mean (log)", xlabel="prompt position (grey: observation window)")
-    votes.set_yscale("log")
-    mean.set_yscale("log")
-    for axis in (votes, heat, mean):
-        axis.axvspan(window_start - 0.5, len(table) - 0.5, color="grey", alpha=0.15, lw=0)
-    figure.suptitle(_title(trace, layer, head, budget, table, steps), fontsize=10)
-    return figure
-
-
-def kept_attention_figure(table: pd.DataFrame, budget: int):
-    """Heatmap layer x head of `kept_attention_table`'s kept_share (plotly)."""
-    import plotly.express as px
-
-    grid = table.pivot(index="layer", columns="head", values="kept_share")
-    return px.imshow(grid, color_continuous_scale="Viridis", zmin=0, zmax=1, aspect="auto",
-                     labels={"color": "kept share", "x": "head", "y": "layer"},
-                     title=f"Share of generation's prompt attention on the positions budget {budget} keeps")
-
-
 def default_layer(trace: Trace) -> int:
     """A middle recorded layer."""
     layers = trace.layers

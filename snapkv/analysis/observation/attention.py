@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from snapkv.analysis.metrics import (
+from snapkv.analysis.observation.metrics import (
     REFERENCES,
     hit_rate_table,
     metric_records,
@@ -22,9 +22,9 @@ from snapkv.analysis.metrics import (
     sink_positions,
     voted_set,
 )
-from snapkv.analysis.record import record_teacher_forced
 from snapkv.core.compress import attach
 from snapkv.core.hook import AttentionCall
+from snapkv.core.record import record_teacher_forced
 from snapkv.core.selection import observation_attention
 
 

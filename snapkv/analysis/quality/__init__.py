@@ -1,0 +1,77 @@
+"""Long-context quality: needle-in-a-haystack and a RULER-style task suite, SnapKV against baselines.
+
+prompts (what is asked) -> methods (which policies) -> runner (answers from one shared prefill per prompt)
+-> scoring (each answer) -> statistics (calibration, retention, suite means) -> plots (one figure a function).
+"""
+
+from snapkv.analysis.quality.methods import (
+    ABLATION_BUDGETS,
+    ABLATION_METHODS,
+    DEFAULT_BUDGETS,
+    DEFAULT_METHODS,
+    KERNEL_SIZE,
+    METHODS,
+    WINDOW_SIZE,
+    Method,
+    check_lengths_fit,
+    check_methods,
+    method_grid,
+    method_policy,
+)
+from snapkv.analysis.quality.prompts import (
+    CITIES,
+    CODE_INSTRUCTION,
+    CODE_QUESTION,
+    DEFAULT_DEPTHS,
+    DEFAULT_LENGTHS,
+    NEEDLE_FORMATS,
+    TASKS,
+    WORDS,
+    QualityPrompt,
+    check_lengths,
+    check_samples,
+    needle_fact,
+    needle_prompts,
+    task_prompts,
+)
+from snapkv.analysis.quality.runner import (
+    DEFAULT_PREFILL_CHUNK,
+    MODES,
+    GeneratedAnswer,
+    answers_with_shared_prefill,
+    calibrated_evaluate,
+    evaluate,
+    fork_cache,
+    fork_session,
+    needle_retention,
+    needle_retention_experiment,
+    needle_tokens,
+)
+from snapkv.analysis.quality.scoring import (
+    contains_score,
+    edit_similarity,
+    first_code_line,
+    prefix_score,
+    score_answer,
+)
+from snapkv.analysis.quality.statistics import (
+    CALIBRATION_THRESHOLD,
+    calibrate,
+    retention_table,
+    suite_means,
+    summarize_quality,
+    target_checks,
+    with_full_score,
+)
+
+__all__ = [
+    "DEFAULT_LENGTHS", "DEFAULT_DEPTHS", "TASKS", "NEEDLE_FORMATS", "CITIES", "WORDS", "QualityPrompt",
+    "needle_fact", "check_lengths", "check_samples", "needle_prompts", "CODE_INSTRUCTION", "CODE_QUESTION",
+    "task_prompts", "DEFAULT_BUDGETS", "ABLATION_BUDGETS", "WINDOW_SIZE", "KERNEL_SIZE", "METHODS",
+    "ABLATION_METHODS", "DEFAULT_METHODS", "Method", "method_policy", "check_methods", "method_grid",
+    "check_lengths_fit", "MODES", "DEFAULT_PREFILL_CHUNK", "GeneratedAnswer", "fork_cache", "fork_session",
+    "answers_with_shared_prefill", "evaluate", "needle_tokens", "needle_retention",
+    "needle_retention_experiment", "calibrated_evaluate", "contains_score", "prefix_score", "first_code_line",
+    "edit_similarity", "score_answer", "CALIBRATION_THRESHOLD", "calibrate", "with_full_score",
+    "retention_table", "summarize_quality", "suite_means", "target_checks",
+]

@@ -1,0 +1,338 @@
+"""Long-context quality runs: every method answers every prompt, from one shared prefill per prompt.
+
+Prompts are built from token ids so that lengths and needle depths are exact:
+
+    context_ids = chat-template head + context (haystack with inserted facts, or a source-file prefix)
+    tail_ids    = "\\n\\n" + question + end of the user turn + assistant header + answer prefix
+
+Two compression modes (`MODES`):
+  question-aware     the whole prompt (context + tail) is prefilled, then compressed at the first decoding
+                     step: the question sits inside the observation window (the paper's setting);
+  question-agnostic  the context alone is prefilled and compressed (`compress_before_next_forward`), then the
+                     tail is fed in one forward on the compressed cache, then greedy decoding.
+
+Shared prefill (`answers_with_shared_prefill`): prefill is the dominant cost and it does not depend on
+the eviction policy (every policy prefills with the full cache), so each prompt is prefilled ONCE by an
+observing compression session, and every method then decodes from its own fork: a shallow copy of the
+KV cache and a new `CompressionSession` holding a copy of what the observer saw (last window queries,
+H2O's accumulated attention). Both modes share that prefill (the context part is prefilled first; the
+question-agnostic forks are taken there; the tail is then prefilled on top for the question-aware forks).
+The result equals running `model.generate` inside `snapkv.compress(model, policy)` once per method
+(pinned by tests/test_quality.py), at the cost of one prefill per prompt instead of one per method.
+
+Tables are tidy: one row per (prompt, mode, method, budget) with `score` in [0, 1] (needle and key
+retrieval: 1 if the answer contains the value; multi-value and variable tracking: the fraction of the
+expected values/names present; code: difflib edit similarity of the first answer line) and `correct`
+(score == 1; for code: the line is reproduced exactly).
+"""
+
+import copy
+import dataclasses
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from snapkv import H2O, Policy, SnapKV
+from snapkv.analysis.quality.methods import Method, check_lengths_fit, method_grid
+from snapkv.analysis.quality.prompts import QualityPrompt, check_samples
+from snapkv.analysis.quality.scoring import first_code_line, prefix_score, score_answer
+from snapkv.analysis.quality.statistics import CALIBRATION_THRESHOLD, calibrate
+from snapkv.analysis.text import token_ids
+from snapkv.core.compress import CompressionSession, attach
+
+MODES = ("question-aware", "question-agnostic")
+DEFAULT_PREFILL_CHUNK = 2048
+
+
+@dataclass
+class GeneratedAnswer:
+    """Greedy tokens of one method; `logits` (steps, vocab) when asked for; `cache_slots` = prompt slots per
+    head kept in layer 0 (the prompt length when nothing was evicted); `seconds` of decoding;
+    `kept_positions` {layer: (1, cache_heads, kept)} prompt positions each head kept (empty for the full cache)."""
+
+    tokens: list[int]
+    logits: torch.Tensor | None
+    cache_slots: int
+    seconds: float
+    kept_positions: dict = dataclasses.field(default_factory=dict)
+
+
+def fork_cache(cache):
+    """A copy of a prefilled cache that a method may extend and compress without touching the original.
+
+    DynamicLayer.update concatenates into new tensors and compression replaces whole layers, so copying
+    the layer objects (not their tensors) is enough; other layer types are deep-copied."""
+    from transformers.cache_utils import DynamicLayer
+
+    if all(type(layer) is DynamicLayer for layer in cache.layers):
+        forked = copy.copy(cache)
+        forked.layers = [copy.copy(layer) for layer in cache.layers]
+        return forked
+    return copy.deepcopy(cache)
+
+
+def _observer_policy(policies: Sequence[Policy]) -> Policy:
+    window = max([max(p.window_size, 1) for p in policies] + [1])
+    if any(p.needs_accumulated_attention for p in policies):
+        return H2O(max_capacity_prompt=window + 1, window_size=window)
+    return SnapKV(window_size=window, max_capacity_prompt=window + 1, kernel_size=1)
+
+
+def fork_session(observer: CompressionSession, policy: Policy) -> CompressionSession:
+    """A compression session for `policy` that starts from what `observer` saw during prefill: the last
+    `policy.window_size` queries of every layer (and the accumulated attention when the policy needs it)."""
+    seen = getattr(observer, "_layers", None)
+    if not isinstance(seen, dict) or not seen:
+        raise RuntimeError("the observing session recorded no prefill state (snapkv.core.compress changed?): "
+                           "the shared prefill cannot fork it")
+    session = CompressionSession(observer.model, policy, observer.prefill_chunk_size)
+    window = max(policy.window_size, 1)
+    if window > max(observer.policy.window_size, 1):
+        raise ValueError(f"the observer kept {observer.policy.window_size} queries per layer; {window} are needed")
+    for layer, state in seen.items():
+        session._layers[layer] = dataclasses.replace(
+            state, query_window=state.query_window[..., -window:, :],
+            accumulated=state.accumulated if policy.needs_accumulated_attention else None, done=False)
+    return session
+
+
+def _forward_chunks(model, ids: torch.Tensor, cache, chunk: int | None) -> torch.Tensor:
+    """Feed `ids` (1, n) into `cache` in chunks; logits of the last position (1, vocab)."""
+    chunk = chunk or ids.shape[1]
+    logits = None
+    for start in range(0, ids.shape[1], chunk):
+        logits = model(input_ids=ids[:, start : start + chunk], past_key_values=cache, use_cache=True).logits
+    return logits[:, -1].float()
+
+
+def _greedy(model, cache, logits: torch.Tensor, max_new_tokens: int, stop_ids, stop, keep_logits: bool):
+    tokens, rows = [], []
+    for step in range(max_new_tokens):
+        if keep_logits:
+            rows.append(logits[0].clone())
+        token = int(logits[0].argmax())
+        tokens.append(token)
+        if token in stop_ids or step == max_new_tokens - 1 or (stop is not None and stop(tokens)):
+            break
+        ids = torch.tensor([[token]], device=model.device)
+        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1].float()
+    return tokens, (torch.stack(rows) if keep_logits else None)
+
+
+def _cache_slots(session: CompressionSession, prompt_length: int) -> int:
+    kept = session.kept_positions.get(min(session.kept_positions)) if session.kept_positions else None
+    return prompt_length if kept is None else int(kept.shape[-1])
+
+
+def answers_with_shared_prefill(model, context_ids, tail_ids, methods: Sequence[Method], *,
+                                modes: Sequence[str] = ("question-aware",), max_new_tokens: int = 16,
+                                stop_ids: Sequence[int] = (), stop: Callable[[list[int]], bool] | None = None,
+                                prefill_chunk_size: int | None = DEFAULT_PREFILL_CHUNK, keep_logits: bool = False
+                                ) -> dict[tuple[str, str, int | None], GeneratedAnswer]:
+    """Greedy answers of every method in every mode, from ONE prefill of the prompt.
+
+    context_ids, tail_ids: token ids (lists or 1-D tensors); the prompt is context + tail. Returns
+    {(mode, method name, budget): GeneratedAnswer}. Equals, per method, `model.generate` inside
+    `snapkv.compress(model, policy)` on the whole prompt (question-aware), or prefilling the context inside
+    it, `compress_before_next_forward()`, feeding the tail in one forward and decoding greedily
+    (question-agnostic); prefill runs in chunks of `prefill_chunk_size` tokens (None: one forward).
+    """
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise ValueError(f"unknown mode(s) {unknown or modes}: choose from {MODES}")
+    device = model.device
+    context = torch.as_tensor(list(context_ids), dtype=torch.long, device=device)[None]
+    tail = torch.as_tensor(list(tail_ids), dtype=torch.long, device=device)[None]
+    if tail.shape[1] < 2:
+        raise ValueError("tail_ids needs at least 2 tokens (a 1-token forward would count as a decoding step)")
+    policies = [m.policy for m in methods]
+    window = max([max(p.window_size, 1) for p in policies] + [1])
+    if prefill_chunk_size is not None and prefill_chunk_size < window:
+        raise ValueError(f"prefill_chunk_size ({prefill_chunk_size}) must be at least the window ({window})")
+    if context.shape[1] < window:
+        raise ValueError(f"the context has {context.shape[1]} tokens, fewer than the window ({window})")
+    from transformers import DynamicCache
+
+    observer = CompressionSession(model, _observer_policy(policies), prefill_chunk_size or context.shape[1])
+    cache = DynamicCache(config=model.config)
+    results = {}
+
+    def run(mode: str, first_logits_of) -> None:
+        for method in methods:
+            session = fork_session(observer, method.policy)
+            forked = fork_cache(cache)
+            start = time.perf_counter()
+            with attach(model, session):
+                logits = first_logits_of(session, forked)
+                tokens, rows = _greedy(model, forked, logits, max_new_tokens, set(stop_ids), stop, keep_logits)
+            prompt_length = context.shape[1] + (tail.shape[1] if mode == "question-aware" else 0)
+            results[(mode, method.name, method.budget)] = GeneratedAnswer(
+                tokens, rows, _cache_slots(session, prompt_length), time.perf_counter() - start,
+                dict(session.kept_positions))
+
+    def agnostic_first_logits(session, forked):
+        session.compress_before_next_forward()
+        return model(input_ids=tail, past_key_values=forked, use_cache=True).logits[:, -1].float()
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+        with attach(model, observer):
+            aware_logits = _forward_chunks(model, context, cache, prefill_chunk_size)
+        if "question-agnostic" in modes:
+            run("question-agnostic", agnostic_first_logits)
+        if "question-aware" in modes:
+            with attach(model, observer):
+                aware_logits = _forward_chunks(model, tail, cache, prefill_chunk_size)
+            run("question-aware", lambda session, forked: aware_logits)
+    return results
+
+
+# -- experiments ----------------------------------------------------------------------------------------------
+
+
+def _stop_ids(tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    for token in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>"):
+        found = tokenizer.convert_tokens_to_ids(token) if hasattr(tokenizer, "convert_tokens_to_ids") else None
+        if isinstance(found, int) and found != getattr(tokenizer, "unk_token_id", None):
+            ids.add(found)
+    return {i for i in ids if i is not None}
+
+
+def _line_stop(tokenizer):
+    def stop(tokens: list[int]) -> bool:  # one complete line (of code: fences skipped) is enough
+        complete_lines = tokenizer.decode(tokens).split("\n")[:-1]
+        return first_code_line("\n".join(complete_lines)) != ""
+    return stop
+
+
+def _answers(model, tokenizer, prompts: Sequence[QualityPrompt], methods: Sequence[Method], *, modes, desc: str,
+             prefill_chunk_size: int | None, progress: bool = True):
+    """Yield (prompt, mode, method name, budget, answer text, GeneratedAnswer, prefill seconds) for every prompt,
+    from one shared prefill per prompt; methods whose budget is >= the prompt's length are skipped."""
+    stop_ids = _stop_ids(tokenizer)
+    bar = tqdm(prompts, desc=desc, unit="prompt", disable=not progress)
+    for prompt in bar:
+        bar.set_postfix_str(f"{prompt.task} {prompt.length} tokens")
+        chosen = [m for m in methods if m.budget is None or m.budget < prompt.length]
+        stop = _line_stop(tokenizer) if prompt.stop_at_newline else None
+        start = time.perf_counter()
+        answers = answers_with_shared_prefill(model, prompt.context_ids, prompt.tail_ids, chosen, modes=modes,
+                                              max_new_tokens=prompt.max_new_tokens, stop_ids=stop_ids, stop=stop,
+                                              prefill_chunk_size=prefill_chunk_size)
+        prefill_seconds = time.perf_counter() - start - sum(a.seconds for a in answers.values())
+        for (mode, name, budget), answer in answers.items():
+            text = tokenizer.decode(answer.tokens, skip_special_tokens=True)
+            yield prompt, mode, name, budget, text, answer, prefill_seconds
+    bar.close()
+
+
+def evaluate(model, tokenizer, prompts: Sequence[QualityPrompt], methods: Sequence[Method], *,
+             modes: Sequence[str] = ("question-aware",), prefill_chunk_size: int | None = DEFAULT_PREFILL_CHUNK,
+             progress: bool = True) -> pd.DataFrame:
+    """Run every method in every mode on every prompt (one shared prefill per prompt).
+
+    Methods whose budget is >= the prompt's target length are skipped (they keep the whole prompt, i.e.
+    equal the full cache). Returns one row per (prompt, mode, method, budget): task, length, prompt_tokens,
+    depth, needle_position, sample, mode, method, budget, score, correct, prefix_score (single-value tasks,
+    see `prefix_score`), answer, expected, cache_slots, decode_seconds, prefill_seconds (the prompt's shared
+    prefill).
+    """
+    if not prompts:
+        raise ValueError("no prompts to evaluate")
+    check_lengths_fit({p.length for p in prompts}, model, max(p.max_new_tokens for p in prompts))
+    rows = []
+    for prompt, mode, name, budget, text, answer, prefill_seconds in _answers(
+            model, tokenizer, prompts, methods, modes=modes, desc="prompts", prefill_chunk_size=prefill_chunk_size,
+            progress=progress):
+        score, correct = score_answer(prompt, text)
+        partial = prefix_score(text, prompt.expected[0]) if len(prompt.expected) == 1 else float("nan")
+        rows.append(dict(task=prompt.task, length=prompt.length, prompt_tokens=prompt.prompt_tokens,
+                         depth=prompt.depth, needle_position=prompt.needle_position, sample=prompt.sample,
+                         mode=mode, method=name, budget=budget, score=score, correct=correct,
+                         prefix_score=partial, answer=text,
+                         expected=" | ".join(prompt.expected), cache_slots=answer.cache_slots,
+                         decode_seconds=round(answer.seconds, 3), prefill_seconds=round(prefill_seconds, 3)))
+    table = pd.DataFrame.from_records(rows)
+    table["budget"] = table["budget"].astype("Int64")
+    return table
+
+
+def needle_tokens(tokenizer, prompt: QualityPrompt) -> pd.DataFrame:
+    """The tokens of a needle prompt's inserted sentence: index (in the sentence), position (in the prompt),
+    token (its text) and in_value (it holds part of the value the question asks for)."""
+    if prompt.needle is None or prompt.needle_position is None:
+        raise ValueError(f"prompt of task {prompt.task!r} has no needle: pass a prompt from needle_prompts")
+    text = f"\n{prompt.needle}\n"
+    ids = token_ids(tokenizer, text)
+    if list(prompt.ids[prompt.needle_position : prompt.needle_position + len(ids)]) != ids:
+        raise ValueError("the needle's tokens are not at prompt.needle_position: was the prompt built with "
+                         "another tokenizer?")
+    value_start = text.index(prompt.expected[0])
+    value_end = value_start + len(prompt.expected[0])
+    ends = [len(tokenizer.decode(ids[: i + 1])) for i in range(len(ids))]
+    starts = [0] + ends[:-1]
+    return pd.DataFrame(dict(index=range(len(ids)), position=[prompt.needle_position + i for i in range(len(ids))],
+                             token=[tokenizer.decode([t]) for t in ids],
+                             in_value=[s < value_end and e > value_start for s, e in zip(starts, ends)]))
+
+
+def needle_retention(tokens: pd.DataFrame, kept_positions: dict) -> pd.DataFrame:
+    """`tokens` (from `needle_tokens`) with kept_share: the share of (layer, KV head) pairs whose kept prompt
+    positions ({layer: (1, heads, kept)}, as in `GeneratedAnswer`) hold the token; 1.0 when nothing was evicted."""
+    if not kept_positions:
+        return tokens.assign(kept_share=1.0)
+    wanted = torch.tensor(tokens.position.to_numpy())
+    held = torch.cat([(kept[0].cpu()[:, :, None] == wanted).any(1) for kept in kept_positions.values()])
+    return tokens.assign(kept_share=held.float().mean(0).numpy())  # over (layers x heads)
+
+
+def needle_retention_experiment(model, tokenizer, prompts: Sequence[QualityPrompt], methods: Sequence[Method], *,
+                                prefill_chunk_size: int | None = DEFAULT_PREFILL_CHUNK) -> pd.DataFrame:
+    """Which tokens of the needle sentence each method keeps (question-aware), with its answer: one row per
+    (prompt, method, budget, needle token) with length, depth, sample, answer, score and the columns of
+    `needle_retention`. Methods whose budget is >= the prompt's length are skipped, as in `evaluate`."""
+    if not prompts or not methods:
+        raise ValueError("needle_retention_experiment needs at least one needle prompt and one method")
+    tokens = {id(prompt): needle_tokens(tokenizer, prompt) for prompt in prompts}
+    frames = [needle_retention(tokens[id(prompt)], answer.kept_positions).assign(
+                  length=prompt.length, depth=prompt.depth, sample=prompt.sample, method=name, budget=budget,
+                  answer=text, score=score_answer(prompt, text)[0])
+              for prompt, _, name, budget, text, answer, _ in _answers(
+                  model, tokenizer, prompts, methods, modes=("question-aware",), desc="needle tokens",
+                  prefill_chunk_size=prefill_chunk_size)]
+    table = pd.concat(frames, ignore_index=True)
+    table["budget"] = table["budget"].astype("Int64")
+    return table
+
+
+def calibrated_evaluate(model, tokenizer, prompts: Sequence[QualityPrompt], methods: Sequence[Method], *,
+                        threshold: float = CALIBRATION_THRESHOLD, calibration_samples: int = 3,
+                        modes: Sequence[str] = ("question-aware",),
+                        prefill_chunk_size: int | None = DEFAULT_PREFILL_CHUNK, progress: bool = True
+                        ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Calibrate, then compare: the full cache alone answers the first `calibration_samples` prompts of every
+    (task, length) group (in the first mode); groups scoring below `threshold` are dropped (the model cannot
+    do them even uncompressed, so compression has nothing to lose); every method then runs on all prompts
+    of the kept groups. Returns (table, calibration) - see `evaluate` and `calibrate`."""
+    groups: dict[tuple, list[QualityPrompt]] = {}
+    for prompt in prompts:
+        groups.setdefault((prompt.task, prompt.length), []).append(prompt)
+    first = [p for group in groups.values() for p in group[:check_samples(calibration_samples)]]
+    full = [m for m in method_grid(["full"], [], ())]
+    calibration_table = evaluate(model, tokenizer, first, full, modes=modes[:1],
+                                 prefill_chunk_size=prefill_chunk_size, progress=progress)
+    calibration = calibrate(calibration_table, threshold)
+    kept = {tuple(key) for key in calibration.loc[calibration.kept, ["task", "length"]].itertuples(index=False)}
+    chosen = [p for key, group in groups.items() if key in kept for p in group]
+    if not chosen:
+        return calibration_table.iloc[0:0], calibration
+    return evaluate(model, tokenizer, chosen, methods, modes=modes, prefill_chunk_size=prefill_chunk_size,
+                    progress=progress), calibration
+
+
