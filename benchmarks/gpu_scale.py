@@ -24,11 +24,8 @@ Writes <out>/gpu_scale.json (speed_memory.json's schema: complete, settings, env
 
 import argparse
 import contextlib
-import datetime
 import gc
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -144,34 +141,19 @@ def run_grid(model, settings: dict, on_row, measure=None) -> list[dict]:
 
 
 # -- output ----------------------------------------------------------------------------------------
-def environment(model, device, dtype) -> dict:
-    import torch
-    import transformers
+def random_model_environment(model) -> dict:
+    """`snapkv.core.environment.environment` of the random-weights model, saying what it is."""
+    from snapkv.core.environment import environment
 
-    info = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "model_id": "random-weights Llama-3-8B-shaped LlamaConfig" if model.config.hidden_size == 4096
+    return environment(
+        model,
+        model_id="random-weights Llama-3-8B-shaped LlamaConfig" if model.config.hidden_size == 4096
         else "random-weights tiny LlamaConfig",
-        "model_config": {k: getattr(model.config, k, None) for k in LLAMA3_8B if k != "rope_theta"}
+        model_config={k: getattr(model.config, k, None) for k in LLAMA3_8B if k != "rope_theta"}
         | {"rope_parameters": getattr(model.config, "rope_parameters", None)},
-        "weights": "random (seed 0): speed and memory do not depend on the weights' values",
-        "prompt": "random token ids (seed 0): speed and memory do not depend on the text",
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."),
-        "gpu": None,
-        "gpu_memory_gib": None,
-    }
-    if torch.device(device).type == "cuda":
-        properties = torch.cuda.get_device_properties(device)
-        info |= {"gpu": properties.name, "gpu_memory_gib": properties.total_memory / 2**30,
-                 "cuda": torch.version.cuda}
-    return info
+        weights="random (seed 0): speed and memory do not depend on the weights' values",
+        prompt="random token ids (seed 0): speed and memory do not depend on the text",
+    )
 
 
 def write_results(out: Path, settings: dict, env: dict, rows: list[dict], complete: bool) -> dict:
@@ -287,7 +269,7 @@ def main(argv=None) -> int:
                        "torch.cuda.max_memory_allocated over the configuration (None on CPU); status 'oom' when the "
                        "configuration ran out of memory",
     }
-    env = environment(model, args.device, dtype)
+    env = random_model_environment(model)
     out = Path(args.out)
     print(f"gpu_scale: {env['model_id']} ({env['parameters'] / 1e9:.2f}B parameters, {env['dtype']}) on "
           f"{env['gpu'] or env['device']}", flush=True)

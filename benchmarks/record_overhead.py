@@ -15,11 +15,9 @@ Run: python benchmarks/record_overhead.py [--repeats 3] [--out reports/benchmark
 """
 
 import argparse
-import inspect
 import json
 import multiprocessing
 import os
-import platform
 import queue as queues
 import statistics
 import sys
@@ -28,22 +26,14 @@ from pathlib import Path
 
 import torch
 
-SOURCE_MODULES = ("argparse", "collections", "textwrap", "json.decoder", "difflib", "pathlib", "typing",
-                  "email.message", "http.client", "logging", "dataclasses", "inspect", "tarfile", "zipfile")
 DEFAULT_MAX_BYTES = 4 * 2**30
 
 
 def stdlib_ids(tokenizer, tokens: int) -> torch.Tensor:
-    """(1, tokens) ids of Python standard library source text, cut to exactly `tokens` tokens."""
-    import importlib
+    """(1, tokens) ids of Python standard library source text (no module headers)."""
+    from snapkv.analysis.text import stdlib_source_ids
 
-    pieces, ids = [], []
-    for name in SOURCE_MODULES * 4:
-        pieces.append(inspect.getsource(importlib.import_module(name)))
-        ids = tokenizer("\n".join(pieces), add_special_tokens=False).input_ids
-        if len(ids) >= tokens:
-            return torch.tensor([ids[:tokens]])
-    raise ValueError(f"the source modules hold only {len(ids)} tokens, fewer than {tokens}")
+    return torch.tensor([stdlib_source_ids(tokenizer, tokens, headers=False)])
 
 
 def trace_bytes(trace) -> int:
@@ -191,14 +181,6 @@ def long_prompt_run(prompt_tokens: int, new_tokens: int, chunk: int, window_size
     })
 
 
-def environment() -> dict:
-    from snapkv.analysis.reporting.results import environment as versions
-    from snapkv.core.loading import DEFAULT_MODEL_ID
-
-    return versions() | {"model_id": DEFAULT_MODEL_ID, "device": "cpu", "torch_threads": torch.get_num_threads(),
-                         "platform": platform.platform(), "loadavg": os.getloadavg()}
-
-
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -253,6 +235,9 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def main(argv=None) -> int:
+    from snapkv.core.environment import environment
+    from snapkv.core.loading import DEFAULT_MODEL_ID
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt-tokens", type=int, default=8064,
                         help="prompt length (default 8064: prompt + 128 new tokens fit SmolLM2's 8192 context)")
@@ -268,7 +253,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {"environment": environment(), "config": vars(args)}
+    results = {"environment": environment(model_id=DEFAULT_MODEL_ID, device="cpu"), "config": vars(args)}
     results["overhead"] = overhead_run(args.prompt_tokens, args.new_tokens, args.repeats, args.window_size)
     print(json.dumps(results["overhead"], indent=2))
     write_json(out / "record_overhead.json", results | {"complete": False})  # part 1 survives a failed part 2

@@ -4,9 +4,10 @@
                                       [--budgets 256 512 1024 2048] [--decode-tokens 64] [--out reports/benchmarks]
 
 For every prompt length and method (FullCache; SnapKV window 32, kernel 7, maxpool, gqa mean at each
-budget below the prompt length) one fresh subprocess loads the model, prefills a prompt of real text
-(the Python standard library's own source), then decodes greedily with a manual loop
-`model(next_token, past_key_values=cache)` under `snapkv.compress`. It reports
+budget below the prompt length) one fresh subprocess loads the model and measures it with the library's
+`snapkv.analysis.speed.decode_speed`: it prefills a prompt of real text (`speed.prompt_ids`: the Python
+standard library's own source) under `snapkv.compress`, then decodes greedily with a manual loop
+`model(next_token, cache=cache)`. It reports
 
   prefill_s            the prompt forward(s) (the engine only remembers the observation window here)
   first_step_s         the first single-token step: SnapKV selects and gathers the kept positions here
@@ -35,16 +36,11 @@ load average before and after every configuration.
 
 import argparse
 import contextlib
-import datetime
-import importlib
-import inspect
 import json
 import math
 import os
-import platform
 import resource
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -74,13 +70,6 @@ TARGETS = {  # name: (threshold, "min" = the value must be at least it, "max" = 
 SHARED_PREFIX_TAIL = 256  # long prompts: tokens each configuration prefills itself after the shared prefix
 WORKER_TIMEOUT_S = 3600  # per configuration
 ROW_PREFIX = "SPEED_MEMORY_ROW "
-
-# Real text any Python install has: the standard library's own source, in this order.
-PROMPT_MODULES = (
-    "argparse", "collections", "typing", "inspect", "dataclasses", "pathlib", "functools", "enum",
-    "logging", "subprocess", "textwrap", "configparser", "email.message", "json.decoder", "ast",
-    "tarfile", "zipfile", "unittest.case", "asyncio.base_events", "http.client", "difflib", "pydoc",
-)
 
 ROW_FIELDS = ("method", "budget", "prompt_len", "prefill_s", "first_step_s", "decode_ms_per_token",
               "kv_cache_mib", "peak_rss_mib", "chunked")
@@ -120,20 +109,6 @@ def kvpress_status() -> dict:
 
 
 # -- worker: one configuration in a fresh process ---------------------------------------------------
-def prompt_ids(tokenizer, length: int):
-    """(1, length) token ids of standard library source, concatenated module by module."""
-    text = ""
-    for name in PROMPT_MODULES:
-        text += f"# ---- {name} ----\n{inspect.getsource(importlib.import_module(name))}\n"
-        if len(text) < 3 * length:  # source code runs at roughly 3.5-4 characters per token
-            continue
-        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
-        if ids.shape[-1] >= length:
-            return ids[:, :length]
-    raise ValueError(f"the standard library modules listed in PROMPT_MODULES give fewer than {length} tokens: "
-                     "add modules or ask for shorter prompts")
-
-
 def _rss_mib() -> float | None:
     try:
         import psutil
@@ -146,128 +121,32 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _kv_cache_mib(cache) -> float:
-    total = 0
-    for layer in cache.layers:
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if tensor is not None:
-                total += tensor.numel() * tensor.element_size()
-    return total / 2**20
-
-
-def _kv_slots(cache) -> int:
-    keys = getattr(cache.layers[0], "keys", None)
-    return int(keys.shape[-2]) if keys is not None else 0
-
-
-class _Clock:
-    def __init__(self):
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-
-    def stop(self) -> tuple[float, float]:
-        return time.perf_counter() - self.wall, time.process_time() - self.cpu
-
-
-def _method_context(model, config):
-    """The context manager that applies the configuration's method."""
+def _policy(config):
+    """The configuration's method: a snapkv policy, or kvpress's SnapKVPress at the same cache size."""
     import snapkv
 
-    chunk = PREFILL_CHUNK_SIZE if config["chunked"] else None
-    if config["method"] == "FullCache":
-        return snapkv.compress(model, snapkv.FullCache(), prefill_chunk_size=chunk)
+    if config["method"] in ("FullCache", "record"):
+        return snapkv.FullCache()
     if config["method"] == "SnapKV":
-        policy = snapkv.SnapKV(max_capacity_prompt=config["budget"], **SNAPKV_SETTINGS)
-        return snapkv.compress(model, policy, prefill_chunk_size=chunk)
-    if config["method"] == "record":
-        return _recording(model, config, chunk)
+        return snapkv.SnapKV(max_capacity_prompt=config["budget"], **SNAPKV_SETTINGS)
     if config["method"] == "kvpress.SnapKVPress":
         from kvpress import SnapKVPress
 
-        ratio = 1 - config["budget"] / config["prompt_len"]
-        press = SnapKVPress(compression_ratio=ratio, window_size=SNAPKV_SETTINGS["window_size"],
-                            kernel_size=SNAPKV_SETTINGS["kernel_size"])
-        return press(model)
+        return SnapKVPress(compression_ratio=1 - config["budget"] / config["prompt_len"],
+                           window_size=SNAPKV_SETTINGS["window_size"], kernel_size=SNAPKV_SETTINGS["kernel_size"])
     raise ValueError(f"unknown method {config['method']!r}")
 
 
-@contextlib.contextmanager
-def _recording(model, config, chunk):
-    """FullCache with `snapkv.record` on top: the observation window and one row per decoding step."""
-    import snapkv
+def measure_config(model, ids, config: dict, cache=None) -> dict:
+    """`snapkv.analysis.speed.decode_speed` of the configuration (continuing `cache` when given), with the
+    configuration's method and budget and this process's peak and current resident memory."""
+    from snapkv.analysis.speed.measure import decode_speed
 
-    with snapkv.compress(model, snapkv.FullCache(), prefill_chunk_size=chunk), \
-            snapkv.record(model, window_size=SNAPKV_SETTINGS["window_size"],
-                          max_new_tokens=config["decode_tokens"] + 2):
-        yield
-
-
-def _forward(model, ids, cache, **kwargs):
-    # transformers >= 5.x names the argument `cache` (and deprecates `past_key_values`)
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return model(input_ids=ids, use_cache=True, **{name: cache}, **kwargs)
-
-
-def _copy_cache(model, cache):
-    from transformers import DynamicCache
-
-    copy = DynamicCache(config=model.config)
-    for index, layer in enumerate(cache.layers):
-        copy.update(layer.keys.clone(), layer.values.clone(), index)
-    return copy
-
-
-def _prefill(model, ids, cache, start: int, chunk: int | None):
-    """Forward ids[:, start:] in chunks of `chunk` tokens (one forward when None); the last output."""
-    n = ids.shape[-1]
-    step = chunk or n
-    out = None
-    for begin in range(start, n, step):
-        out = _forward(model, ids[:, begin : begin + step], cache, logits_to_keep=1)
-    return out
-
-
-def _measure_config(model, ids, config: dict, cache, start: int) -> dict:
-    """Prefill ids[:, start:] onto `cache` under the configuration's method, then decode greedily."""
-    chunk = PREFILL_CHUNK_SIZE if config["chunked"] else None
-    generated = []
-    with _method_context(model, config):
-        clock = _Clock()
-        out = _prefill(model, ids, cache, start, chunk)
-        prefill_s, prefill_cpu_s = clock.stop()
-        token = out.logits[:, -1:].argmax(-1)
-        generated.append(int(token))
-        clock = _Clock()
-        out = _forward(model, token, cache)
-        first_step_s, first_step_cpu_s = clock.stop()
-        step_ms, step_cpu_ms = [], []
-        for _ in range(config["decode_tokens"]):
-            token = out.logits[:, -1:].argmax(-1)
-            generated.append(int(token))
-            clock = _Clock()
-            out = _forward(model, token, cache)
-            wall, cpu = clock.stop()
-            step_ms.append(1000 * wall)
-            step_cpu_ms.append(1000 * cpu)
-    return {
-        "method": config["method"],
-        "budget": config["budget"],
-        "prompt_len": ids.shape[-1],
-        "prefill_s": prefill_s,
-        "first_step_s": first_step_s,
-        "decode_ms_per_token": statistics.median(step_ms),
-        "kv_cache_mib": _kv_cache_mib(cache),
-        "peak_rss_mib": _peak_rss_mib(),
-        "chunked": config["chunked"],
-        "prefill_cpu_s": prefill_cpu_s,
-        "first_step_cpu_s": first_step_cpu_s,
-        "decode_cpu_ms_per_token": statistics.median(step_cpu_ms),
-        "decode_ms_p10": _quantile(step_ms, 0.1),
-        "decode_ms_p90": _quantile(step_ms, 0.9),
-        "decode_tokens": len(step_ms),
-        "kv_slots_layer0": _kv_slots(cache),
-        "rss_after_decode_mib": _rss_mib(),
-        "generated_head": generated[:8],
-    }
+    row = decode_speed(model, ids, _policy(config), decode_tokens=config["decode_tokens"],
+                       prefill_chunk_size=PREFILL_CHUNK_SIZE if config["chunked"] else None, cache=cache,
+                       record_window=SNAPKV_SETTINGS["window_size"] if config["method"] == "record" else None)
+    return row | {"method": config["method"], "budget": config["budget"], "peak_rss_mib": _peak_rss_mib(),
+                  "rss_after_decode_mib": _rss_mib()}
 
 
 def measure(job: dict, emit) -> None:
@@ -276,9 +155,10 @@ def measure(job: dict, emit) -> None:
     shared prefix prefilled in chunks (prefill_s = the shared prefix's time + its own tail's)."""
     import torch
     import transformers
-    from transformers import DynamicCache
 
     import snapkv
+    from snapkv.analysis.speed.measure import prompt_ids, shared_prefix, warm_up
+    from snapkv.core.compat import copy_cache, model_label
 
     torch.set_num_threads(job.get("threads", THREADS))
     transformers.logging.set_verbosity_error()
@@ -288,41 +168,27 @@ def measure(job: dict, emit) -> None:
     ids = prompt_ids(tokenizer, configs[0]["prompt_len"])
 
     def finish(row):
-        row.update(loadavg_before=load_before, loadavg_after=os.getloadavg()[0],
-                   model_id=model.config._name_or_path)
+        row.update(loadavg_before=load_before, loadavg_after=os.getloadavg()[0], model_id=model_label(model))
         emit(row)
 
     with torch.inference_mode():
-        # warm-up on a short prompt (thread pool, allocator, lazy initialisation), outside any timing
-        with snapkv.compress(model, snapkv.FullCache()):
-            warm_cache = DynamicCache(config=model.config)
-            out = _forward(model, ids[:, :WARMUP_TOKENS], warm_cache, logits_to_keep=1)
-            _forward(model, out.logits[:, -1:].argmax(-1), warm_cache)
-        del warm_cache, out
+        warm_up(model, ids[:, :WARMUP_TOKENS])
         rss_before = _rss_mib()
         if not job["shared_prefix"]:
             (config,) = configs
-            row = _measure_config(model, ids, config, DynamicCache(config=model.config), start=0)
-            finish({**row, "rss_before_prefill_mib": rss_before})
+            finish({**measure_config(model, ids, config), "rss_before_prefill_mib": rss_before})
         else:
-            prefix_len = ids.shape[-1] - SHARED_PREFIX_TAIL
-            prefix = DynamicCache(config=model.config)
-            with snapkv.compress(model, snapkv.FullCache(), prefill_chunk_size=PREFILL_CHUNK_SIZE):
-                clock = _Clock()
-                _prefill(model, ids[:, :prefix_len], prefix, 0, PREFILL_CHUNK_SIZE)
-                prefix_s, prefix_cpu_s = clock.stop()
+            prefix, cost = shared_prefix(model, ids, ids.shape[-1] - SHARED_PREFIX_TAIL,
+                                         prefill_chunk_size=PREFILL_CHUNK_SIZE)
             for config in configs:
-                row = _measure_config(model, ids, config, _copy_cache(model, prefix), start=prefix_len)
-                row.update(prefill_s=row["prefill_s"] + prefix_s, prefill_cpu_s=row["prefill_cpu_s"] + prefix_cpu_s,
-                           prefill_shared_prefix_s=prefix_s, shared_prefix_len=prefix_len,
+                row = measure_config(model, ids, config, cache=copy_cache(prefix))
+                row.update(prefill_s=row["prefill_s"] + cost["prefix_prefill_s"],
+                           prefill_cpu_s=row["prefill_cpu_s"] + cost["prefix_prefill_cpu_s"],
+                           prefill_shared_prefix_s=cost["prefix_prefill_s"],
+                           shared_prefix_len=cost["shared_prefix_len"],
                            peak_rss_mib=None, peak_rss_all_configs_mib=row["peak_rss_mib"])
                 finish(row)
                 load_before = os.getloadavg()[0]
-
-
-def _quantile(values, q):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def jobs(configs: list[dict]) -> list[dict]:
@@ -435,29 +301,6 @@ def _short(row):
                                 "kv_cache_mib", "peak_rss_mib")}
 
 
-def environment(kvpress: dict, threads: int) -> dict:
-    import torch
-    import transformers
-
-    from snapkv.core.loading import DEFAULT_MODEL_ID
-
-    return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "model_id": DEFAULT_MODEL_ID,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "threads": threads,
-        "device": "cpu",
-        "dtype": "float32",
-        "kvpress": kvpress,
-        "loadavg_start": os.getloadavg(),
-    }
-
-
 def plot(rows: list[dict], path: Path, threads: int = THREADS) -> None:
     import matplotlib
 
@@ -566,10 +409,14 @@ def main(argv=None) -> int:
 
     from tqdm.auto import tqdm
 
+    from snapkv.core.environment import environment
+    from snapkv.core.loading import DEFAULT_MODEL_ID
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     kvpress = kvpress_status()
-    env = environment(kvpress, args.threads)
+    env = environment(model_id=DEFAULT_MODEL_ID, device="cpu", dtype="float32", torch_threads=args.threads,
+                      kvpress=kvpress)
     configs = configurations(args.lengths, args.long_lengths, args.budgets, args.decode_tokens,
                              kvpress["available"], record=args.record)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -602,6 +449,8 @@ def _exit_on_sigterm(signum, frame):
 
 def write_results(out: Path, args, env: dict, rows: list[dict], complete: bool) -> dict:
     """Write <out>/speed_memory.json (atomically) and return what it holds."""
+    from snapkv.analysis.text import SOURCE_MODULES
+
     add_relative_columns(rows)
     results = {
         "complete": complete,
@@ -609,7 +458,8 @@ def write_results(out: Path, args, env: dict, rows: list[dict], complete: bool) 
             "lengths": args.lengths, "long_lengths": args.long_lengths, "budgets": args.budgets,
             "decode_tokens": args.decode_tokens, "quick": args.quick, "prefill_chunk_size": PREFILL_CHUNK_SIZE,
             "snapkv": SNAPKV_SETTINGS, "threads": args.threads, "batch_size": 1, "greedy": True,
-            "prompt": "Python standard library source (inspect.getsource), modules: " + ", ".join(PROMPT_MODULES),
+            "prompt": "Python standard library source (snapkv.analysis.speed.prompt_ids), modules: "
+                      + ", ".join(SOURCE_MODULES),
             "native_reference": f"FullCache after a native {NATIVE_REFERENCE_LENGTH}-token prompt",
             "measurement": "one fresh subprocess per configuration; decode_ms_per_token is the median "
                            "wall time of the steps after the first; *_cpu_* columns are process CPU time",

@@ -22,8 +22,9 @@ def add_reproduce_command(subparsers) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="small prompts and few tokens: a fast smoke run")
     parser.add_argument("--model", default=None, metavar="NAME_OR_PATH",
-                        help="model for the notebooks that declare a `model_name` parameter (default: their own, "
-                             "the embedded SmolLM2-135M-Instruct)")
+                        help="model for the notebooks that declare a `model_name` parameter: an embedded model's "
+                             "name (e.g. gemma-3-270m), a folder, a .gguf file or a cached hub id (default: their "
+                             "own, the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--device", default=None,
                         help="device of the notebooks' model, e.g. cuda (default: their own, cpu)")
     parser.add_argument("--dtype", default=None,
@@ -134,105 +135,149 @@ def _comma_list(text, kind, name: str) -> list:
         raise ValueError(f"--{name} expects a comma-separated list of {kind.__name__}s, got {text!r}") from None
 
 
-def _quality_arguments(parser, what: str) -> None:
-    parser.add_argument("--model", default=None, help="model folder, .gguf file or cached hub id (default: embedded "
-                        "SmolLM2-135M-Instruct)")
+def _given_list(text, kind, name: str) -> tuple | None:
+    """A comma-separated option as a tuple; None when it was not given (the settings' default then)."""
+    return None if text is None else tuple(_comma_list(text, kind, name))
+
+
+def _given_one(text, kind, name: str):
+    """A one-value option; None when it was not given."""
+    if text is None:
+        return None
+    values = _comma_list(text, kind, name)
+    if len(values) != 1:
+        raise ValueError(f"--{name} expects one {kind.__name__}, got {text!r}")
+    return values[0]
+
+
+def _listed(values) -> str:
+    return ",".join(map(str, values))
+
+
+def _quality_arguments(parser, what: str, kind) -> None:
+    """The options `snapkv needle` and `snapkv tasks` share; their defaults are those of `kind`
+    (quality.methods.NeedleSettings or TaskSettings), `--quick` applies `kind.QUICK`."""
+    from snapkv.analysis import quality
+    from snapkv.core.loading import DEFAULT_MODEL_ID, EMBEDDED_MODEL_NAMES
+
+    default = kind()
+    parser.add_argument("--model", default=None, help=f"an embedded model ({', '.join(EMBEDDED_MODEL_NAMES)}), a "
+                        f"model folder, .gguf file or cached hub id (default: embedded {DEFAULT_MODEL_ID})")
     parser.add_argument("--device", default="cpu", help="torch device of the model, e.g. cuda (default: cpu)")
     parser.add_argument("--dtype", default="float32", help="model precision, e.g. bfloat16 (default: float32)")
-    parser.add_argument("--methods", default=None, help="comma-separated: full, snapkv, streaming, random, h2o, "
-                        "snapkv-avgpool, snapkv-nopool (default: all)")
-    parser.add_argument("--budgets", default=None, help="comma-separated prompt budgets (default: 128,256,512,1024)")
-    parser.add_argument("--ablation-budgets", default=None,
-                        help="budgets of the pooling ablation (snapkv-avgpool, snapkv-nopool; default: 128)")
-    parser.add_argument("--lengths", default=None, help="comma-separated prompt lengths in tokens "
-                        "(default: 1000,2000,4000,6000,8000)")
-    parser.add_argument("--samples", default=None, help=f"{what} per length (default: 1 for needle, 5 for tasks)")
-    parser.add_argument("--modes", default=None, help="question-aware and/or question-agnostic (comma-separated)")
+    parser.add_argument("--methods", default=None, help=f"comma-separated: {', '.join(quality.METHODS)} "
+                        f"(default: {_listed(default.methods)})")
+    parser.add_argument("--budgets", default=None, help=f"comma-separated prompt budgets (default: "
+                        f"{_listed(default.budgets)})")
+    parser.add_argument("--ablation-budgets", default=None, help=f"budgets of the pooling ablation "
+                        f"({', '.join(quality.ABLATION_METHODS)}; default: {_listed(default.ablation_budgets)})")
+    parser.add_argument("--lengths", default=None, help=f"comma-separated prompt lengths in tokens (default: "
+                        f"{_listed(default.lengths)})")
+    parser.add_argument("--samples", default=None, help=f"{what} per length (default: {default.samples})")
+    parser.add_argument("--modes", default=None, help=f"comma-separated: {', '.join(quality.MODES)} (default: "
+                        f"{_listed(default.modes)})")
     parser.add_argument("--haystack", default=None, help="text file to use as haystack (default: stdlib docstrings)")
-    parser.add_argument("--seed", default="0", help="seed of the generated prompts (default: 0)")
-    parser.add_argument("--prefill-chunk", default="2048", help="prefill chunk in tokens (default: 2048)")
+    parser.add_argument("--seed", default=None, help=f"seed of the generated prompts (default: {default.seed})")
+    parser.add_argument("--prefill-chunk", default=None,
+                        help=f"prefill chunk in tokens (default: {quality.DEFAULT_PREFILL_CHUNK})")
     parser.add_argument("--out", default=None, help="output folder (default: reports/quality)")
-    parser.add_argument("--quick", action="store_true", help="a tiny smoke run (one 512-token length, 2 methods)")
+    quick = "; ".join(f"{name} {_listed(value) if isinstance(value, tuple) else value}"
+                      for name, value in kind.QUICK.items())
+    parser.add_argument("--quick", action="store_true", help=f"a tiny smoke run ({quick}); options given "
+                        "explicitly still apply")
     parser.add_argument("--window-size", default=None, help="observation window of SnapKV, H2O and random eviction "
-                        "(default: 16, the paper's needle setting; its LongBench runs use 32)")
-    parser.add_argument("--kernel-size", default=None, help="SnapKV pooling kernel (default: 5; LongBench runs: 7)")
+                        f"(default: {default.window_size}, the paper's needle setting; its LongBench runs use 32)")
+    parser.add_argument("--kernel-size", default=None,
+                        help=f"SnapKV pooling kernel (default: {default.kernel_size}; LongBench runs: 7)")
 
 
 def add_needle_command(subparsers) -> None:
+    from snapkv.analysis.quality.methods import NeedleSettings
+
     parser = subparsers.add_parser(
         "needle", help="needle-in-a-haystack: SnapKV against baselines over context lengths and depths",
         description="Insert a fact at each depth of a haystack at each length, ask for it, score the greedy answer; "
         "every method decodes from one shared prefill per prompt. Writes needle.{csv,json,png,html} (and "
         "needle_pooling.* when the pooling ablation ran) under --out.",
     )
-    _quality_arguments(parser, "needles")
+    _quality_arguments(parser, "needles", NeedleSettings)
     parser.add_argument("--depths", default=None, help="comma-separated depths in [0, 1] (default: 0,0.1,...,1)")
-    parser.add_argument("--needle-format", default="number", help="number (default) or passphrase")
+    parser.add_argument("--needle-format", default=None, help="number (default) or passphrase")
     parser.set_defaults(handler=_needle)
 
 
 def add_tasks_command(subparsers) -> None:
+    from snapkv.analysis.quality.methods import TaskSettings
+
+    default = TaskSettings()
     parser = subparsers.add_parser(
         "tasks", help="RULER-style task suite and next-line code completion: accuracy against budget",
         description="Single/multi-key and multi-value retrieval, variable tracking and code completion at each "
         "length; (task, length) groups the full cache fails (score < --threshold after --calibration-samples "
         "prompts) are dropped. Writes tasks.* and tasks_calibration.* under --out.",
     )
-    _quality_arguments(parser, "prompts per task")
-    parser.add_argument("--tasks", default=None, help="comma-separated: single_key, multi_key, multi_value, "
-                        "variable_tracking, code_completion (default: all)")
-    parser.add_argument("--threshold", default="0.5", help="full-cache score a group needs (default: 0.5)")
-    parser.add_argument("--calibration-samples", default="3", help="prompts per group before deciding (default: 3)")
+    _quality_arguments(parser, "prompts per task", TaskSettings)
+    parser.add_argument("--tasks", default=None, help=f"comma-separated: {', '.join(default.tasks)} (default: all)")
+    parser.add_argument("--threshold", default=None,
+                        help=f"full-cache score a group needs (default: {default.threshold})")
+    parser.add_argument("--calibration-samples", default=None,
+                        help=f"prompts per group before deciding (default: {default.calibration_samples})")
     parser.set_defaults(handler=_tasks)
 
 
-def _quality_settings(args, quick: dict, defaults: dict) -> dict:
+def _quality_settings(args, kind, **given):
+    """`kind` (quality.methods.NeedleSettings or TaskSettings) from the options shared by both commands and `given`
+    (the command's own), checked before any model is loaded."""
     from snapkv.analysis import quality
     from snapkv.analysis.reporting.reproduce import check_device
+    from snapkv.analysis.reporting.setup import resolve_settings
+    from snapkv.core import check_int
 
-    def pick(name, kind, fallback):
-        value = getattr(args, name)
-        if value is None:
-            value = quick.get(name, fallback) if args.quick else fallback
-        return value if not isinstance(value, str) else _comma_list(value, kind, name.replace("_", "-"))
-
-    settings = dict(
-        methods=pick("methods", str, list(quality.METHODS)),
-        budgets=pick("budgets", int, list(quality.DEFAULT_BUDGETS)),
-        ablation_budgets=pick("ablation_budgets", int, list(quality.ABLATION_BUDGETS)),
-        lengths=pick("lengths", int, list(quality.DEFAULT_LENGTHS)),
-        modes=pick("modes", str, defaults["modes"]),
-        seed=_comma_list(args.seed, int, "seed")[0],
-        prefill_chunk_size=_comma_list(args.prefill_chunk, int, "prefill-chunk")[0],
-        model=args.model, device=args.device, dtype=args.dtype, quick=args.quick,
-        window_size=pick("window_size", int, [quality.WINDOW_SIZE])[0],
-        kernel_size=pick("kernel_size", int, [quality.KERNEL_SIZE])[0],
-    )
-    samples = pick("samples", int, [defaults["samples"]])
-    if len(samples) != 1:
-        raise ValueError(f"--samples expects one positive int, got {args.samples!r}")
-    settings["samples"] = quality.check_samples(samples[0])
-    quality.check_lengths(settings["lengths"])
-    if settings["window_size"] < 1 or settings["kernel_size"] < 1 or settings["kernel_size"] % 2 == 0:
-        raise ValueError(f"--window-size must be >= 1 and --kernel-size a positive odd int, got "
-                         f"{settings['window_size']} and {settings['kernel_size']}")
-    quality.check_methods(settings["methods"], settings["budgets"], settings["ablation_budgets"],
-                          window_size=settings["window_size"])
-    unknown = [m for m in settings["modes"] if m not in quality.MODES]
-    if unknown or not settings["modes"]:
-        raise ValueError(f"unknown mode(s) {unknown or settings['modes']}: choose from {', '.join(quality.MODES)}")
-    if settings["prefill_chunk_size"] < settings["window_size"]:
-        raise ValueError(f"--prefill-chunk must be at least the window ({settings['window_size']})")
-    check_device(settings["device"], settings["dtype"])
+    settings = resolve_settings(
+        kind, args.quick, methods=_given_list(args.methods, str, "methods"),
+        budgets=_given_list(args.budgets, int, "budgets"),
+        ablation_budgets=_given_list(args.ablation_budgets, int, "ablation-budgets"),
+        lengths=_given_list(args.lengths, int, "lengths"), modes=_given_list(args.modes, str, "modes"),
+        samples=_given_one(args.samples, int, "samples"), haystack=args.haystack,
+        seed=_given_one(args.seed, int, "seed"), window_size=_given_one(args.window_size, int, "window-size"),
+        kernel_size=_given_one(args.kernel_size, int, "kernel-size"), **given)
+    quality.check_samples(settings.samples)
+    quality.check_lengths(settings.lengths)
+    check_int("--seed", settings.seed, 0)
+    check_int("--window-size", settings.window_size, 1)
+    if check_int("--kernel-size", settings.kernel_size, 1) % 2 == 0:
+        raise ValueError(f"--kernel-size must be a positive odd int, got {settings.kernel_size}")
+    quality.check_methods(settings.methods, settings.budgets, settings.ablation_budgets,
+                          window_size=settings.window_size)
+    unknown = [m for m in settings.modes if m not in quality.MODES]
+    if unknown or not settings.modes:
+        raise ValueError(f"unknown mode(s) {unknown or settings.modes}: choose from {', '.join(quality.MODES)}")
+    check_device(args.device, args.dtype)
     return settings
 
 
-def _load_for_quality(settings: dict, max_new_tokens: int):
+def _prefill_chunk(args, window_size: int) -> int:
+    from snapkv.analysis import quality
+    from snapkv.core import check_int
+
+    chunk = _given_one(args.prefill_chunk, int, "prefill-chunk")
+    return quality.DEFAULT_PREFILL_CHUNK if chunk is None else check_int("--prefill-chunk", chunk, window_size)
+
+
+def _run_record(args, settings, prefill_chunk: int) -> dict:
+    """The settings written next to the results: the experiment's, the model's and the prefill chunk."""
+    from dataclasses import asdict
+
+    return asdict(settings) | dict(prefill_chunk_size=prefill_chunk, model=args.model, device=args.device,
+                                   dtype=args.dtype, quick=args.quick)
+
+
+def _load_for_quality(args, lengths, max_new_tokens: int):
     from snapkv.analysis import quality
     from snapkv.core import loading
 
-    model, tokenizer = loading.load_model(settings["model"], device=settings["device"], dtype=settings["dtype"])
-    quality.check_lengths_fit(settings["lengths"], model, max_new_tokens)  # before any prefill
+    model, tokenizer = loading.load_model(args.model, device=args.device, dtype=args.dtype)
+    quality.check_lengths_fit(lengths, model, max_new_tokens)  # before any prefill
     return model, tokenizer
 
 
@@ -244,50 +289,49 @@ def _needle(args) -> int:
     matplotlib.use("Agg")
     from snapkv.analysis import quality
     from snapkv.analysis.quality import plots as quality_plots
+    from snapkv.analysis.quality.ablation import pooling_ablation
+    from snapkv.analysis.quality.methods import NeedleSettings
     from snapkv.analysis.reporting.results import save_result
     from snapkv.analysis.text import load_haystack
+    from snapkv.core.compat import model_label
 
-    quick = dict(methods="full,snapkv", budgets="128", ablation_budgets="", lengths="512", depths="0,0.5,1")
-    settings = _quality_settings(args, quick, {"modes": ["question-aware"], "samples": 1})
-    depths = args.depths if args.depths is not None else quick["depths"] if args.quick else None
-    settings["depths"] = list(quality.DEFAULT_DEPTHS) if depths is None else _comma_list(depths, float, "depths")
-    if not settings["depths"] or not all(0 <= d <= 1 for d in settings["depths"]):
+    settings = _quality_settings(args, NeedleSettings, depths=_given_list(args.depths, float, "depths"),
+                                 needle_format=args.needle_format)
+    if not settings.depths or not all(0 <= d <= 1 for d in settings.depths):
         raise ValueError(f"--depths must be fractions in [0, 1], got {args.depths!r}")
-    if args.needle_format not in quality.NEEDLE_FORMATS:
-        raise ValueError(f"unknown --needle-format {args.needle_format!r}: choose from {quality.NEEDLE_FORMATS}")
-    settings |= dict(needle_format=args.needle_format, haystack=args.haystack)
-    haystack = load_haystack(args.haystack)
-    methods = quality.method_grid(settings["methods"], settings["budgets"], settings["ablation_budgets"],
-                                  window_size=settings["window_size"], kernel_size=settings["kernel_size"])
-    model, tokenizer = _load_for_quality(settings, 12)
+    if settings.needle_format not in quality.NEEDLE_FORMATS:
+        raise ValueError(f"unknown --needle-format {settings.needle_format!r}: choose from {quality.NEEDLE_FORMATS}")
+    prefill_chunk = _prefill_chunk(args, settings.window_size)
+    record = _run_record(args, settings, prefill_chunk)
+    haystack = load_haystack(settings.haystack)
+    methods = quality.method_grid(settings.methods, settings.budgets, settings.ablation_budgets,
+                                  window_size=settings.window_size, kernel_size=settings.kernel_size)
+    model, tokenizer = _load_for_quality(args, settings.lengths, 12)
     start = time.perf_counter()
-    prompts = quality.needle_prompts(tokenizer, lengths=settings["lengths"], depths=settings["depths"],
-                                     samples=settings["samples"], seed=settings["seed"], haystack_text=haystack,
-                                     needle_format=args.needle_format)
-    table = quality.evaluate(model, tokenizer, prompts, methods, modes=settings["modes"],
-                             prefill_chunk_size=settings["prefill_chunk_size"])
-    settings["seconds"] = round(time.perf_counter() - start, 1)
+    prompts = quality.needle_prompts(tokenizer, lengths=settings.lengths, depths=settings.depths,
+                                     samples=settings.samples, seed=settings.seed, haystack_text=haystack,
+                                     needle_format=settings.needle_format)
+    table = quality.evaluate(model, tokenizer, prompts, methods, modes=settings.modes,
+                             prefill_chunk_size=prefill_chunk)
+    record["seconds"] = round(time.perf_counter() - start, 1)
     out = args.out or "reports/quality"
-    caption = f"{model.config._name_or_path}, {len(prompts)} prompts"
-    for mode in settings["modes"]:
+    caption = f"{model_label(model)}, {len(prompts)} prompts"
+    for mode in settings.modes:
         figure, interactive = quality_plots.needle_heatmap_figure(table, caption, mode)
-        name = "needle" if mode == settings["modes"][0] else f"needle_{mode.replace('-', '_')}"
-        paths = save_result(name, table, figure, interactive, settings, out, model)
+        name = "needle" if mode == settings.modes[0] else f"needle_{mode.replace('-', '_')}"
+        paths = save_result(name, table, figure, interactive, record, out, model)
         print(f"{mode}: {paths['png']}")
-    ablation = table[table.method.str.startswith("snapkv")]
-    ablation = ablation[ablation.budget.isin(settings["ablation_budgets"])]
-    if ablation.method.nunique() > 1:
-        pooling = ablation.method.map({"snapkv": "maxpool", "snapkv-avgpool": "avgpool", "snapkv-nopool": "none"})
-        rows = ablation.assign(pooling=pooling)
-        summary = quality.summarize_quality(rows[rows["mode"] == settings["modes"][0]], ["pooling", "length"])
+    ablation = pooling_ablation(table, settings.ablation_budgets, settings.modes[0])
+    if ablation is not None:
+        rows, summary = ablation
         figure, interactive = quality_plots.pooling_ablation_figure(summary, caption)
-        save_result("needle_pooling", rows, figure, interactive, settings, out, model)
+        save_result("needle_pooling", rows, figure, interactive, record, out, model)
     means = table.groupby(["mode", "method", "budget"], dropna=False).score.mean().rename("mean score")
     print(means.reset_index().to_string(index=False))
-    checks = quality.target_checks(table, mode=settings["modes"][0])
+    checks = quality.target_checks(table, mode=settings.modes[0])
     if len(checks):
         print(checks.to_string(index=False))
-    print(f"{len(prompts)} prompts in {settings['seconds']} s -> {out}")
+    print(f"{len(prompts)} prompts in {record['seconds']} s -> {out}")
     return 0
 
 
@@ -299,52 +343,51 @@ def _tasks(args) -> int:
     matplotlib.use("Agg")
     from snapkv.analysis import quality
     from snapkv.analysis.quality import plots as quality_plots
+    from snapkv.analysis.quality.methods import TaskSettings
     from snapkv.analysis.reporting.results import save_result
     from snapkv.analysis.text import load_haystack
+    from snapkv.core import check_int
+    from snapkv.core.compat import model_label
 
-    quick = dict(methods="full,snapkv", budgets="128", ablation_budgets="", lengths="512", tasks="single_key",
-                 samples=[1])
-    settings = _quality_settings(args, quick, {"modes": list(quality.MODES), "samples": 5})
-    tasks = args.tasks if args.tasks is not None else quick["tasks"] if args.quick else ",".join(quality.TASKS)
-    settings["tasks"] = _comma_list(tasks, str, "tasks")
-    unknown = [t for t in settings["tasks"] if t not in quality.TASKS]
-    if unknown or not settings["tasks"]:
-        raise ValueError(f"unknown task(s) {unknown or tasks!r}: choose from {', '.join(quality.TASKS)}")
-    settings["threshold"] = _comma_list(args.threshold, float, "threshold")[0]
-    settings["calibration_samples"] = quality.check_samples(
-        _comma_list(args.calibration_samples, int, "calibration-samples")[0])
-    settings["haystack"] = args.haystack
-    if "full" not in settings["methods"]:
+    settings = _quality_settings(args, TaskSettings, tasks=_given_list(args.tasks, str, "tasks"),
+                                 threshold=_given_one(args.threshold, float, "threshold"),
+                                 calibration_samples=_given_one(args.calibration_samples, int, "calibration-samples"))
+    unknown = [t for t in settings.tasks if t not in quality.TASKS]
+    if unknown or not settings.tasks:
+        raise ValueError(f"unknown task(s) {unknown or args.tasks!r}: choose from {', '.join(quality.TASKS)}")
+    check_int("--calibration-samples", settings.calibration_samples, 1)
+    if "full" not in settings.methods:
         raise ValueError("--methods must include full: the suite calibrates on the full cache")
-    haystack = load_haystack(args.haystack)
-    methods = quality.method_grid(settings["methods"], settings["budgets"], settings["ablation_budgets"],
-                                  window_size=settings["window_size"], kernel_size=settings["kernel_size"])
-    model, tokenizer = _load_for_quality(settings, 40)
+    prefill_chunk = _prefill_chunk(args, settings.window_size)
+    record = _run_record(args, settings, prefill_chunk)
+    haystack = load_haystack(settings.haystack)
+    methods = quality.method_grid(settings.methods, settings.budgets, settings.ablation_budgets,
+                                  window_size=settings.window_size, kernel_size=settings.kernel_size)
+    model, tokenizer = _load_for_quality(args, settings.lengths, 40)
     start = time.perf_counter()
-    prompts = quality.task_prompts(tokenizer, tasks=settings["tasks"], lengths=settings["lengths"],
-                                   samples=settings["samples"], seed=settings["seed"], haystack_text=haystack)
+    prompts = quality.task_prompts(tokenizer, tasks=settings.tasks, lengths=settings.lengths,
+                                   samples=settings.samples, seed=settings.seed, haystack_text=haystack)
     table, calibration = quality.calibrated_evaluate(
-        model, tokenizer, prompts, methods, threshold=settings["threshold"],
-        calibration_samples=settings["calibration_samples"], modes=settings["modes"],
-        prefill_chunk_size=settings["prefill_chunk_size"])
-    settings["seconds"] = round(time.perf_counter() - start, 1)
+        model, tokenizer, prompts, methods, threshold=settings.threshold,
+        calibration_samples=settings.calibration_samples, modes=settings.modes, prefill_chunk_size=prefill_chunk)
+    record["seconds"] = round(time.perf_counter() - start, 1)
     out = args.out or "reports/quality"
-    caption = f"{model.config._name_or_path}, {len(prompts)} prompts"
-    figure, interactive = quality_plots.calibration_figure(calibration, caption, settings["threshold"])
-    save_result("tasks_calibration", calibration, figure, interactive, settings, out, model)
+    caption = f"{model_label(model)}, {len(prompts)} prompts"
+    figure, interactive = quality_plots.calibration_figure(calibration, caption, settings.threshold)
+    save_result("tasks_calibration", calibration, figure, interactive, record, out, model)
     print(calibration[["task", "length", "full_score", "samples", "reason"]].to_string(index=False))
     if table.empty:
-        print(f"the full cache solves no (task, length) group at threshold {settings['threshold']}: nothing to compare")
+        print(f"the full cache solves no (task, length) group at threshold {settings.threshold}: nothing to compare")
         return 0
     summary = quality.summarize_quality(table)
     retention = quality.retention_table(table, ["mode", "task", "method", "budget"])
     figure, interactive = quality_plots.accuracy_vs_budget_figure(summary, retention, caption)
-    paths = save_result("tasks", table, figure, interactive, settings, out, model)
+    paths = save_result("tasks", table, figure, interactive, record, out, model)
     print(summary.to_string(index=False))
-    checks = quality.target_checks(suite_table=table, mode=settings["modes"][0])
+    checks = quality.target_checks(suite_table=table, mode=settings.modes[0])
     if len(checks):
         print(checks.to_string(index=False))
-    print(f"{len(prompts)} prompts in {settings['seconds']} s -> {paths['png']}")
+    print(f"{len(prompts)} prompts in {record['seconds']} s -> {paths['png']}")
     return 0
 
 

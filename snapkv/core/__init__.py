@@ -6,16 +6,17 @@ hook (the one attention function and the Tap base) -> selection (pure math: whic
 (every call that depends on the transformers version).
 """
 
+from snapkv.core.compat import copy_cache
 from snapkv.core.compress import CompressionSession, attach, compress
-from snapkv.core.hook import AttentionCall
+from snapkv.core.hook import AttentionCall, Tap
 from snapkv.core.loading import load_model
-from snapkv.core.policies import H2O, FullCache, Policy, PrefillView, RandomEviction, SnapKV, StreamingLLM
+from snapkv.core.policies import H2O, FullCache, Policy, PrefillView, RandomEviction, SnapKV, StreamingLLM, check_int
 from snapkv.core.record import Recorder, estimate_trace_bytes, record, record_teacher_forced
 from snapkv.core.selection import observation_attention, select_positions
 from snapkv.core.trace import Trace
 
 __all__ = [
     "H2O", "AttentionCall", "CompressionSession", "FullCache", "Policy", "PrefillView", "RandomEviction", "Recorder",
-    "SnapKV", "StreamingLLM", "Trace", "attach", "compress", "estimate_trace_bytes", "load_model",
-    "observation_attention", "record", "record_teacher_forced", "select_positions",
+    "SnapKV", "StreamingLLM", "Tap", "Trace", "attach", "check_int", "compress", "copy_cache", "estimate_trace_bytes",
+    "load_model", "observation_attention", "record", "record_teacher_forced", "select_positions",
 ]

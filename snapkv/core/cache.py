@@ -3,6 +3,8 @@
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from snapkv.core.compat import mask_query_length
+
 
 class CompressedLayer(DynamicLayer):
     """Keys/values (batch, cache_heads, slots, head_dim) of the kept prompt positions, then decoded tokens.
@@ -35,9 +37,7 @@ class CompressedLayer(DynamicLayer):
         return self.prompt_length + self.appended
 
     def get_mask_sizes(self, query) -> tuple[int, int]:
-        # transformers 5.2 passes cache_position (a tensor), later releases the query length
-        query_length = query.shape[0] if isinstance(query, torch.Tensor) else int(query)
-        return self.get_seq_length() + query_length, 0
+        return self.get_seq_length() + mask_query_length(query), 0
 
     def slot_positions(self) -> torch.Tensor:
         """(batch, cache_heads, slots): the input position of every slot, -1 for masked slots."""

@@ -5,18 +5,22 @@ Timeline of one prompt, per layer (all inside the attention hook):
   first decoding step  select kept positions, gather K/V into a CompressedLayer, attend on it
   later steps          decode on the compressed cache; new tokens are appended as usual
 A forward that starts from an empty cache starts a new prompt, so nothing carries over between calls.
-Prefill may be chunked (`prefill_chunk_size`): compression waits for the first single-token step,
-or for the next forward after `session.compress_before_next_forward()`.
+Prefill may come in chunks (`prefill_chunk_size`, whose chunks never end on a single token; or the
+caller's own forwards): compression waits for the first single-token forward, or for the next forward
+after `session.compress_before_next_forward()`. `session.fork(policy)` starts another policy from what
+a session saw of a prefill, so that many policies share one prefill (with `compat.copy_cache`).
 """
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
+from snapkv.core import compat
 from snapkv.core.cache import CompressedLayer
-from snapkv.core.hook import ACTIVE_TAPS, ATTN_IMPLEMENTATION, AttentionCall
-from snapkv.core.policies import Policy, PrefillView, accumulate
+from snapkv.core.hook import ACTIVE_TAPS, ATTN_IMPLEMENTATION, AttentionCall, Tap, check_left_padding
+from snapkv.core.policies import Policy, PrefillView, accumulate, check_int
 
 
 @dataclass
@@ -35,9 +39,10 @@ def append_window(previous: torch.Tensor | None, query: torch.Tensor, window: in
     return joined[..., -window:, :].clone()
 
 
-def _cache_from_call(args, kwargs):
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    return cache if hasattr(cache, "layers") else None
+def _forward_length(args, kwargs) -> int:
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    inputs = ids if ids is not None else kwargs.get("inputs_embeds")
+    return 0 if inputs is None else inputs.shape[1]
 
 
 def _prompt_lengths(args, kwargs) -> torch.Tensor | None:
@@ -50,7 +55,7 @@ def _prompt_lengths(args, kwargs) -> torch.Tensor | None:
     return None
 
 
-class CompressionSession:
+class CompressionSession(Tap):
     """Active while a `compress` block runs; a tap of the attention hook.
 
     kept_positions[layer]: long (batch, cache_heads, kept) prompt positions of the last compressed
@@ -72,11 +77,34 @@ class CompressionSession:
         Use it to append text after compression, e.g. a question the compression did not see."""
         self._force_compress = True
 
+    def fork(self, policy: Policy) -> "CompressionSession":
+        """A session for `policy` that continues from what this one saw of the current prompt's prefill
+        (the last `policy.window_size` queries of every layer; the accumulated attention when `policy` needs
+        it), nothing compressed yet. Attach it with a `compat.copy_cache` of the prefilled cache: several
+        policies then decode from one prefill, each exactly as if it had prefilled the prompt itself."""
+        window = max(policy.window_size, 1)
+        if not self._layers:
+            raise RuntimeError("nothing to fork: this session has seen no prefill (run the prompt inside it first)")
+        if window > max(self.policy.window_size, 1):
+            raise ValueError(f"this session kept {self.policy.window_size} queries per layer but the policy needs "
+                             f"{window}: prefill under a session whose window_size is at least {window}")
+        if policy.needs_accumulated_attention and not self.policy.needs_accumulated_attention:
+            raise ValueError(f"{type(policy).__name__} needs the attention accumulated over the whole prefill, which "
+                             f"this session's {type(self.policy).__name__} did not keep: prefill under H2O")
+        forked = CompressionSession(self.model, policy, self.prefill_chunk_size)
+        for layer, state in self._layers.items():
+            forked._layers[layer] = dataclasses.replace(
+                state, query_window=state.query_window[..., -window:, :],
+                accumulated=state.accumulated if policy.needs_accumulated_attention else None, done=False)
+        return forked
+
     # -- model forward hooks ------------------------------------------------------------------
     def before_forward(self, module, args, kwargs):
         self._calls_this_forward = 0
-        self._cache = _cache_from_call(args, kwargs)
+        self._cache = compat.forward_cache(kwargs)
         fresh = self._cache is None or self._cache.get_seq_length() == 0
+        if _forward_length(args, kwargs) > 1:  # prefill: the mask is checked once per chunk, not per step
+            check_left_padding(kwargs.get("attention_mask"), "snapkv.compress")
         lengths = _prompt_lengths(args, kwargs)
         whole_prompt = self.prefill_chunk_size is None
         if fresh and whole_prompt and lengths is not None and self.policy.window_size:
@@ -118,9 +146,6 @@ class CompressionSession:
             return self._compress(call, state, budget)
         self._layers[call.layer] = self._observe(call, state)
         return call
-
-    def after_attention(self, call: AttentionCall) -> None:
-        pass
 
     def _observe(self, call: AttentionCall, state: _LayerPrefill | None) -> _LayerPrefill:
         padding = call.padding_mask()
@@ -171,15 +196,29 @@ def _prompt_positions(positions: torch.Tensor, padding: torch.Tensor | None) -> 
 
 
 @contextlib.contextmanager
-def attach(model, tap, hooks_on_forward: bool = True):
-    """Route `model`'s attention through the snapkv hook while `tap` is active."""
-    previous_impl = model.config._attn_implementation
+def attach(model, tap: Tap, *, prefill_chunk_size: int | None = None):
+    """Route `model`'s attention through the snapkv hook while `tap` is active.
+
+    prefill_chunk_size: prompts that `generate` prefills run in chunks of this many tokens
+    (`compat.chunked_prefill_hook`), before any tap sees the forward.
+    """
+    if isinstance(tap, CompressionSession):
+        active = [t for t in ACTIVE_TAPS.get() if isinstance(t, CompressionSession)]
+        if active:
+            raise RuntimeError(
+                f"snapkv.compress blocks cannot nest: {active[0].policy!r} is already compressing, and two sessions "
+                "would compress the same cache twice. Leave the first block before entering one with another "
+                "policy (snapkv.record may still wrap or sit inside a compress block)"
+            )
+    previous_impl = compat.attention_implementation(model)
     if previous_impl != ATTN_IMPLEMENTATION:
-        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        compat.set_attention_implementation(model, ATTN_IMPLEMENTATION)
     handles = []
-    if hooks_on_forward:
-        handles.append(model.register_forward_pre_hook(tap.before_forward, with_kwargs=True))
-        handles.append(model.register_forward_hook(tap.after_forward, with_kwargs=True))
+    if prefill_chunk_size is not None:
+        chunker = compat.chunked_prefill_hook(prefill_chunk_size)
+        handles.append(model.register_forward_pre_hook(chunker, with_kwargs=True, prepend=True))
+    handles.append(model.register_forward_pre_hook(tap.before_forward, with_kwargs=True))
+    handles.append(model.register_forward_hook(tap.after_forward, with_kwargs=True))
     token = ACTIVE_TAPS.set(ACTIVE_TAPS.get() + (tap,))
     try:
         yield tap
@@ -188,31 +227,26 @@ def attach(model, tap, hooks_on_forward: bool = True):
         for handle in handles:
             handle.remove()
         if previous_impl != ATTN_IMPLEMENTATION:
-            model.set_attn_implementation(previous_impl)
+            compat.set_attention_implementation(model, previous_impl)
 
 
 @contextlib.contextmanager
 def compress(model, policy: Policy, *, prefill_chunk_size: int | None = None):
     """Compress every prompt the model prefills inside the block with `policy`.
 
-    prefill_chunk_size: prefill `generate` prompts in chunks of this many tokens (transformers'
-    chunked prefill), so long prompts never hold full-sequence activations.
+    prefill_chunk_size: prefill `generate` prompts in chunks of this many tokens, so long prompts never
+    hold full-sequence activations (exact for every prompt length: see `compat.chunk_bounds`).
+    Blocks do not nest; a `snapkv.record` block may wrap this one or sit inside it.
     """
     if not isinstance(policy, Policy):
         raise TypeError(f"policy must be a snapkv policy (SnapKV(), FullCache(), ...), got {type(policy).__name__}")
     policy.check_model(model.config.get_text_config().num_hidden_layers)
     if prefill_chunk_size is not None:
-        if isinstance(prefill_chunk_size, bool) or not isinstance(prefill_chunk_size, int):
-            raise TypeError(f"prefill_chunk_size must be an int, got {type(prefill_chunk_size).__name__}")
-        if prefill_chunk_size < max(policy.window_size, 1):
+        check_int("prefill_chunk_size", prefill_chunk_size, 2)
+        if prefill_chunk_size < policy.window_size:
             raise ValueError(
                 f"prefill_chunk_size ({prefill_chunk_size}) must be at least window_size ({policy.window_size})"
             )
     session = CompressionSession(model, policy, prefill_chunk_size)
-    previous_chunk = model.generation_config.prefill_chunk_size
-    model.generation_config.prefill_chunk_size = prefill_chunk_size
-    try:
-        with attach(model, session):
-            yield session
-    finally:
-        model.generation_config.prefill_chunk_size = previous_chunk
+    with attach(model, session, prefill_chunk_size=prefill_chunk_size):
+        yield session

@@ -1,8 +1,8 @@
 """The one integration point: an attention function registered with transformers' AttentionInterface.
 
 It runs the stock SDPA kernel and shows every call to the active taps (compression, recording),
-held in a ContextVar. A tap may swap the keys/values/mask before the kernel (the compressor does on
-the first decoding step) and reads the call after it.
+held in a ContextVar. A tap (`Tap`) may swap the keys/values/mask before the kernel (the compressor does
+on the first decoding step) and reads the call after it.
 """
 
 import contextvars
@@ -59,15 +59,49 @@ def key_padding_mask(mask: torch.Tensor | None, slots: int) -> torch.Tensor | No
     return last_row.clone() if last_row.dtype == torch.bool else last_row == 0  # not a view of the whole mask
 
 
-def snapkv_attention(module, query, key, value, attention_mask, **kwargs):
+class Tap:
+    """Something that watches (and may change) a model's attention calls while it is attached
+    (`snapkv.core.compress.attach`). The defaults do nothing; subclasses override what they need.
+
+    Order contract, for every forward of the model:
+      before_forward(module, args, kwargs)   model forward pre-hook, taps in entry order
+      for every attention layer:
+        before_attention(call) -> call       every tap in entry order, each given the previous one's call
+        the SDPA kernel                      on the last returned call's key/value/mask
+        after_attention(call)                every tap in entry order, all given that same last call
+      after_forward(module, args, kwargs, output)   model forward hook, taps in entry order
+    So a tap entered outside another one sees, in after_attention, the cache the kernel really used.
+    """
+
+    def before_forward(self, module, args, kwargs) -> None:
+        pass
+
+    def after_forward(self, module, args, kwargs, output) -> None:
+        pass
+
+    def before_attention(self, call: AttentionCall) -> AttentionCall:
+        return call
+
+    def after_attention(self, call: AttentionCall) -> None:
+        pass
+
+
+def check_left_padding(mask, user: str) -> None:
+    """Raise when a forward's 2-D attention_mask (batch, tokens) has padding after a real token."""
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and bool((mask[:, 1:].int() < mask[:, :-1].int()).any()):
+        raise ValueError(f"the attention_mask pads on the right: {user} needs left padding "
+                         "(tokenizer.padding_side = 'left')")
+
+
+def snapkv_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' attention signature: another library's wrapper may pass dropout and scaling by position."""
     taps = ACTIVE_TAPS.get()
     if not taps:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     sliding = bool(kwargs.get("sliding_window") or getattr(module, "sliding_window", None))
     call = AttentionCall(
         module=module, layer=module.layer_idx, query=query, key=key, value=value, mask=attention_mask,
-        scaling=scaling, sliding=sliding, past_length=key.shape[-2] - query.shape[-2],
+        scaling=scaling or query.shape[-1] ** -0.5, sliding=sliding, past_length=key.shape[-2] - query.shape[-2],
     )
     for tap in taps:
         call = tap.before_attention(call)
@@ -75,7 +109,8 @@ def snapkv_attention(module, query, key, value, attention_mask, **kwargs):
     if call.key.shape[1] == query.shape[1] and getattr(module, "num_key_value_groups", 1) > 1:
         # gqa="expand": the cache already holds one head per query head
         kernel_module = SimpleNamespace(num_key_value_groups=1, is_causal=getattr(module, "is_causal", True))
-    out, weights = sdpa_attention_forward(kernel_module, query, call.key, call.value, call.mask, **kwargs)
+    out, weights = sdpa_attention_forward(kernel_module, query, call.key, call.value, call.mask, dropout,
+                                          scaling, **kwargs)
     for tap in taps:
         tap.after_attention(call)
     return out, weights

@@ -46,11 +46,13 @@ class PrefillView:
                            self.scaling, accumulated)
 
 
-def _check_int(name: str, value, minimum: int) -> None:
+def check_int(name: str, value, minimum: int) -> int:
+    """`value` itself when it is an int (not a bool) of at least `minimum`; else TypeError/ValueError."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
 
 
 def _check_budget(max_capacity_prompt, window_size: int):
@@ -59,7 +61,7 @@ def _check_budget(max_capacity_prompt, window_size: int):
     if not budgets:
         raise ValueError("max_capacity_prompt is an empty list: give one budget per layer")
     for budget in budgets:
-        _check_int("max_capacity_prompt", budget, 1)
+        check_int("max_capacity_prompt", budget, 1)
         if budget <= window_size:
             raise ValueError(
                 f"max_capacity_prompt ({budget}) must exceed window_size ({window_size}): "
@@ -126,11 +128,11 @@ class SnapKV(Policy):
     gqa: str = "mean"
 
     def __post_init__(self):
-        _check_int("window_size", self.window_size, 1)
+        check_int("window_size", self.window_size, 1)
         if isinstance(self.max_capacity_prompt, list):
             object.__setattr__(self, "max_capacity_prompt", tuple(self.max_capacity_prompt))
         _check_budget(self.max_capacity_prompt, self.window_size)
-        _check_int("kernel_size", self.kernel_size, 1)
+        check_int("kernel_size", self.kernel_size, 1)
         if self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd so pooling keeps positions aligned, got {self.kernel_size}")
         if self.pooling not in POOLINGS:
@@ -156,7 +158,7 @@ class StreamingLLM(Policy):
     max_capacity_prompt: int = 1024
 
     def __post_init__(self):
-        _check_int("sink_size", self.sink_size, 0)
+        check_int("sink_size", self.sink_size, 0)
         _check_budget(self.max_capacity_prompt, self.sink_size)
 
     def select(self, view: PrefillView, budget: int) -> torch.Tensor:
@@ -173,9 +175,9 @@ class RandomEviction(Policy):
     seed: int = 0
 
     def __post_init__(self):
-        _check_int("window_size", self.window_size, 0)
+        check_int("window_size", self.window_size, 0)
         _check_budget(self.max_capacity_prompt, self.window_size)
-        _check_int("seed", self.seed, 0)
+        check_int("seed", self.seed, 0)
 
     def select(self, view: PrefillView, budget: int) -> torch.Tensor:
         b, kv_heads, n, _ = view.keys.shape
@@ -194,7 +196,7 @@ class H2O(Policy):
     needs_accumulated_attention = True
 
     def __post_init__(self):
-        _check_int("window_size", self.window_size, 0)
+        check_int("window_size", self.window_size, 0)
         _check_budget(self.max_capacity_prompt, self.window_size)
 
     def select(self, view: PrefillView, budget: int) -> torch.Tensor:

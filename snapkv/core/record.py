@@ -10,9 +10,8 @@ Nothing builds an n x n matrix. The recorder reads each call in `after_attention
 `snapkv.compress`.
 
 A forward starting from an empty cache starts a new prompt (a new `Trace`). Multi-token forwards that
-follow it are prefill chunks; the first single-token forward starts decoding. So a chunked prefill whose
-last chunk is one token long is taken for decoding (as `snapkv.compress` does): choose the chunk size so
-that the prompt length is not 1 more than a multiple of it.
+follow it are prefill chunks; the first single-token forward starts decoding. `prefill_chunk_size` runs
+`generate` prompts in chunks that never end on a single token (as `snapkv.compress` does).
 """
 
 import contextlib
@@ -21,9 +20,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from snapkv.core import compat
 from snapkv.core.compress import CompressionSession, append_window, attach
 from snapkv.core.environment import environment
-from snapkv.core.hook import ACTIVE_TAPS, AttentionCall
+from snapkv.core.hook import ACTIVE_TAPS, AttentionCall, Tap, check_left_padding
+from snapkv.core.policies import check_int
 from snapkv.core.selection import observation_attention
 from snapkv.core.trace import FORMAT_VERSION, REDUCERS, Trace
 
@@ -223,7 +224,7 @@ class _Prompt:
     policy: str | None = None
 
 
-class Recorder:
+class Recorder(Tap):
     """A tap of the attention hook that records attention per layer and head; `trace` is the last prompt's.
 
     Built by `snapkv.record(...)`; see there for the arguments.
@@ -280,8 +281,8 @@ class Recorder:
         if shaped is None:
             raise ValueError("snapkv.record needs input_ids or inputs_embeds in the forward call")
         batch, length = shaped.shape[0], shaped.shape[1]
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        past = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
+        cache = compat.forward_cache(kwargs)
+        past = cache.get_seq_length() if cache is not None else 0
         mask = kwargs.get("attention_mask")
         real = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         prompt = self._prompt
@@ -303,9 +304,7 @@ class Recorder:
                 "prompt (in one or several chunks) followed by single-token decoding steps"
             )
         if not decoding:
-            if real is not None and bool((real[:, 1:].int() < real[:, :-1].int()).any()):
-                raise ValueError("the attention_mask pads on the right: record needs left padding "
-                                 "(tokenizer.padding_side = 'left')")
+            check_left_padding(real, "record")
             self._check_prompt_budget(prompt, past + length)  # raises before any model work
             prompt.width = past + length if self.teacher_forced_prompt_length is None else (
                 self.teacher_forced_prompt_length)
@@ -329,9 +328,6 @@ class Recorder:
             )
 
     # -- attention hook ------------------------------------------------------------------------------
-    def before_attention(self, call: AttentionCall) -> AttentionCall:
-        return call
-
     def after_attention(self, call: AttentionCall) -> None:
         self._calls_this_forward += 1
         prompt = self._prompt
@@ -580,12 +576,8 @@ def _active_policy() -> str | None:
 def _check_settings(*, window_size, generation, max_bytes, reducer, reduce_window, top_k, max_new_tokens) -> None:
     for name, value in (("window_size", window_size), ("max_bytes", max_bytes), ("reduce_window", reduce_window),
                         ("top_k", top_k), ("max_new_tokens", max_new_tokens)):
-        if value is None and name == "max_new_tokens":
-            continue
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+        if value is not None or name != "max_new_tokens":
+            check_int(name, value, 1)
     if not isinstance(generation, bool):
         raise TypeError(f"generation must be True or False, got {generation!r}")
     if reducer not in REDUCERS:
@@ -595,7 +587,8 @@ def _check_settings(*, window_size, generation, max_bytes, reducer, reduce_windo
 # -- public entry points -----------------------------------------------------------------------------
 @contextlib.contextmanager
 def record(model, window_size: int = 32, generation: bool = True, max_bytes: int = 4 * 2**30, reducer: str = "raw",
-           *, reduce_window: int = 128, top_k: int = 32, max_new_tokens: int | None = None, tokenizer=None):
+           *, reduce_window: int = 128, top_k: int = 32, max_new_tokens: int | None = None, tokenizer=None,
+           prefill_chunk_size: int | None = None):
     """Record what every attention head looks at while the block runs (`generate` or forward calls).
 
     window_size: observation window (last prompt tokens) whose attention over the prompt is kept.
@@ -606,13 +599,18 @@ def record(model, window_size: int = 32, generation: bool = True, max_bytes: int
     max_new_tokens: the number of tokens `generate` will produce, for the memory check before prefill
         (default: the model's generation_config); the check is repeated at every decoding step anyway.
     tokenizer: decodes `trace.text` and is named in the metadata.
+    prefill_chunk_size: prefill `generate` prompts in chunks of this many tokens (as `snapkv.compress` does;
+        pass it here rather than to `generate`, whose own chunks may end on a single token, which looks like
+        a decoding step).
     Yields a `Recorder`: `rec.trace` (the latest prompt), `rec.traces` (every prompt of the block).
     """
+    if prefill_chunk_size is not None:
+        check_int("prefill_chunk_size", prefill_chunk_size, 2)
     recorder = Recorder(model, window_size=window_size, generation=generation, max_bytes=max_bytes,
                         reducer=reducer, reduce_window=reduce_window, top_k=top_k, max_new_tokens=max_new_tokens,
                         tokenizer=tokenizer)
     try:
-        with attach(model, recorder):
+        with attach(model, recorder, prefill_chunk_size=prefill_chunk_size):
             yield recorder
     finally:
         recorder.finish()
@@ -634,8 +632,7 @@ def record_teacher_forced(model, prompt_ids, response_ids, window_size: int = 32
     response_ids = response_ids[None] if response_ids.dim() == 1 else response_ids
     if prompt_ids.shape[0] != response_ids.shape[0]:
         raise ValueError(f"prompt_ids has {prompt_ids.shape[0]} rows but response_ids has {response_ids.shape[0]}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    check_int("block_size", block_size, 1)
     prompt_length = prompt_ids.shape[1]
     ids = torch.cat([prompt_ids, response_ids], dim=1)
     mask = torch.ones_like(ids)

@@ -4,8 +4,12 @@ import pytest
 import torch
 from reference import masked_decode_logits
 from tiny_models import FAMILIES, tiny_model
+from transformers import AttentionInterface
 
 import snapkv
+from snapkv.core import compat
+from snapkv.core.compress import attach
+from snapkv.core.hook import snapkv_attention
 
 PROMPT = 60
 
@@ -97,8 +101,9 @@ def test_no_state_leaks_between_calls_or_after_the_block(model):
     assert cache.get_seq_length() == 60 and all(layer.keys.shape[-2] <= 60 for layer in cache.layers)
 
 
-def test_chunked_prefill_gives_the_same_result(model):
-    ids = prompt_ids()
+@pytest.mark.parametrize("length", [PROMPT, 2 * 16 + 1])  # 33: the last chunk of 16 is a single token
+def test_chunked_prefill_gives_the_same_result(model, length):
+    ids = prompt_ids(length=length)
     if not torch.equal(greedy(model, ids)[0], greedy(model, ids, prefill_chunk_size=16)[0]):
         pytest.skip("this transformers release's own chunked prefill changes the output (seen in 5.2)")
     with snapkv.compress(model, SNAP) as whole:
@@ -189,3 +194,107 @@ def test_prefill_holds_only_the_window_of_queries(model):
         windows = [state.query_window for state in session._layers.values()]
     assert windows and all(w.shape[-2] == SNAP.window_size for w in windows)
     assert all(w.untyped_storage().nbytes() == w.numel() * w.element_size() for w in windows)
+
+
+def test_a_wrapper_passing_dropout_and_scaling_by_position_works(model):
+    # kvpress wraps every registered attention function and passes dropout as the 6th positional argument
+    inner = snapkv_attention
+    seen = []
+
+    def positional_wrapper(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        seen.append(dropout)
+        return inner(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+
+    ids = prompt_ids()
+    with snapkv.compress(model, SNAP):
+        expected = greedy(model, ids)[0]
+    AttentionInterface.register("snapkv", positional_wrapper)
+    try:
+        with snapkv.compress(model, SNAP):
+            assert torch.equal(greedy(model, ids)[0], expected)
+    finally:
+        AttentionInterface.register("snapkv", inner)
+    assert seen
+
+
+def test_nested_compress_blocks_are_refused(model):
+    with snapkv.compress(model, SNAP):
+        with pytest.raises(RuntimeError, match="snapkv.compress blocks cannot nest.*Leave the first block"):
+            with snapkv.compress(model, snapkv.StreamingLLM(sink_size=4, max_capacity_prompt=24)):
+                pass
+        tokens = greedy(model, prompt_ids())[0]  # the outer block still works
+    assert tokens.shape == (2, PROMPT + 6)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_right_padded_batch_is_refused(model):
+    ids, mask = prompt_ids(), torch.ones(2, PROMPT, dtype=torch.long)
+    mask[1, -5:] = 0
+    with pytest.raises(ValueError, match="the attention_mask pads on the right: snapkv.compress needs left padding"):
+        with snapkv.compress(model, SNAP):
+            model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+
+
+def test_fork_starts_a_policy_from_a_shared_prefill(model):
+    ids = prompt_ids(1)
+    policies = [SNAP, snapkv.StreamingLLM(sink_size=4, max_capacity_prompt=24), snapkv.FullCache()]
+    expected = []
+    for policy in policies:
+        with snapkv.compress(model, policy):
+            expected.append(greedy(model, ids, steps=3)[1])
+    observer = snapkv.core.CompressionSession(model, snapkv.SnapKV(window_size=8, max_capacity_prompt=9, kernel_size=1))
+    cache = compat.new_cache(model)
+    with torch.no_grad(), attach(model, observer):
+        last = compat.prefill(model, ids, cache)
+    for policy, logits in zip(policies, expected):
+        forked = snapkv.core.copy_cache(cache)
+        with torch.no_grad(), attach(model, observer.fork(policy)):
+            rows = [last[:, -1]]
+            for _ in range(2):
+                rows.append(compat.forward(model, rows[-1].argmax(-1, keepdim=True), forked).logits[:, -1])
+        assert torch.allclose(torch.stack(rows, 1), logits, atol=1e-4, rtol=0), policy
+    assert cache.get_seq_length() == PROMPT  # the shared prefill was not compressed by any fork
+    assert all(layer.keys.shape[-2] == PROMPT for layer, sliding in zip(cache.layers, cache.is_sliding) if not sliding)
+    with pytest.raises(ValueError, match="kept 8 queries per layer but the policy needs 16"):
+        observer.fork(snapkv.SnapKV(window_size=16, max_capacity_prompt=24))
+    with pytest.raises(ValueError, match="prefill under H2O"):
+        observer.fork(snapkv.H2O(window_size=8, max_capacity_prompt=24))
+    with pytest.raises(RuntimeError, match="nothing to fork"):
+        snapkv.core.CompressionSession(model, SNAP).fork(SNAP)
+
+
+def test_chunk_bounds_never_end_on_a_single_token():
+    assert compat.chunk_bounds(0, 33, 16) == [(0, 16), (16, 31), (31, 33)]
+    assert compat.chunk_bounds(0, 10, 3) == [(0, 3), (3, 6), (6, 8), (8, 10)]
+    assert compat.chunk_bounds(0, 10, None) == [(0, 10)]
+    assert compat.chunk_bounds(4, 12, 4) == [(4, 8), (8, 12)]
+    assert compat.chunk_bounds(5, 5, 4) == []
+    with pytest.raises(ValueError, match="chunk_size must be >= 2"):
+        compat.chunk_bounds(0, 10, 1)
+
+
+@pytest.mark.parametrize("value, error, match", [
+    (3, None, None),
+    (0, ValueError, "size must be >= 1, got 0"),
+    (2.0, TypeError, "size must be an int, got float"),
+    (True, TypeError, "size must be an int, got bool"),
+])
+def test_check_int(value, error, match):
+    if error is None:
+        assert snapkv.core.check_int("size", value, 1) == value
+    else:
+        with pytest.raises(error, match=match):
+            snapkv.core.check_int("size", value, 1)
+
+
+def test_copy_cache_is_independent_and_repeats_rows(model):
+    cache = compat.new_cache(model)
+    with torch.no_grad():
+        compat.prefill(model, prompt_ids(1), cache)
+        copied = snapkv.core.copy_cache(cache, batch_size=3)
+        compat.forward(model, torch.ones(3, 2, dtype=torch.long), copied)
+    assert cache.get_seq_length() == PROMPT and copied.get_seq_length() == PROMPT + 2
+    for original, layer, sliding in zip(cache.layers, copied.layers, cache.is_sliding):
+        if sliding:
+            continue
+        assert layer.keys.shape[0] == 3 and torch.equal(layer.keys[2, :, : original.keys.shape[-2]], original.keys[0])

@@ -249,14 +249,16 @@ def test_teacher_forced_without_response_or_generation(qwen3):
         trace.generation_attention(0)
 
 
-def test_chunked_prefill_records_the_same(qwen3):
-    ids = prompt_ids(length=60)
+@pytest.mark.parametrize("length", [60, 2 * 16 + 1])  # 33: the last chunk of 16 is a single token
+def test_chunked_prefill_records_the_same(qwen3, length):
+    ids = prompt_ids(length=length)
     if not torch.equal(greedy(qwen3, ids), greedy(qwen3, ids, prefill_chunk_size=16)):
         pytest.skip("this transformers release's own chunked prefill changes the output (seen in 5.2)")
     with snapkv.record(qwen3, window_size=WINDOW) as whole:
         greedy(qwen3, ids)
-    with snapkv.record(qwen3, window_size=WINDOW) as chunked:
-        greedy(qwen3, ids, prefill_chunk_size=16)
+    with snapkv.record(qwen3, window_size=WINDOW, prefill_chunk_size=16) as chunked:
+        greedy(qwen3, ids)
+    assert chunked.trace.prompt_length == length and chunked.trace.generated == whole.trace.generated
     for name, tensor in whole.trace.tensors.items():
         assert torch.allclose(tensor.float(), chunked.trace.tensors[name].float(), atol=ATOL, rtol=0), name
 
@@ -347,6 +349,7 @@ def test_budget_is_enforced_during_decoding_when_max_new_tokens_was_not_given(qw
     ({"window_size": 8.0}, TypeError, "window_size must be an int"),
     ({"top_k": 0}, ValueError, "top_k must be >= 1"),
     ({"generation": "yes"}, TypeError, "generation must be True or False"),
+    ({"prefill_chunk_size": 1}, ValueError, "prefill_chunk_size must be >= 2"),
 ])
 def test_bad_record_settings_are_rejected(qwen3, kwargs, error, match):
     with pytest.raises(error, match=match), snapkv.record(qwen3, **kwargs):

@@ -24,7 +24,7 @@ from snapkv.core.trace import Trace
 # -- tokens ----------------------------------------------------------------------------------------
 def load_tokenizer(trace: Trace):
     """The tokenizer the trace names (metadata "tokenizer", else "model_id"), loaded without a network:
-    the embedded default model's converted folder, a local folder, or the local Hugging Face cache.
+    an embedded model's converted folder, a local folder, or the local Hugging Face cache.
     None when none of these has it (labels then show token ids)."""
     from transformers import AutoTokenizer
 
@@ -34,9 +34,9 @@ def load_tokenizer(trace: Trace):
     if not name:
         return None
     candidates = []
-    if name == loading.DEFAULT_MODEL_ID:
+    if name in loading.EMBEDDED_MODELS:
         try:
-            candidates.append(str(loading.model_cache_root() / loading.gguf_sha256(loading.default_model_path())))
+            candidates.append(str(loading.embedded_model_folder(name)))
         except loading.MissingModelError:
             pass
     candidates.append(name)

@@ -1,25 +1,33 @@
 """The paper's observation experiments: does the observation window predict what generation attends to?
 
 attention (one sequence: recorded attention -> per-layer metrics) -> experiments (one function per notebook:
-prompt set in, tidy DataFrame out) -> metrics (voted/important/reference sets, hit rate, bootstrap summaries)
--> plots (one function per figure)."""
+prompt set in, tidy DataFrame out; each notebook's settings) -> metrics (voted/important/reference sets, hit
+rate, bootstrap summaries) -> readings (the notebooks' conclusions as text) -> plots (one function per figure)."""
 
 from snapkv.analysis.observation.attention import (
     WindowVotes,
     greedy_continuation,
     hit_rate_along_generation,
-    run_over_samples,
     teacher_forced_attention,
     voted_overlap,
     windows_along_prompt,
 )
 from snapkv.analysis.observation.experiments import (
+    HitRateSettings,
+    QuestionOverlapSettings,
+    QuestionPositionSettings,
+    VotingVariantsSettings,
+    WindowsAlongPromptSettings,
     hit_rate_experiment,
+    layer_thirds,
     question_overlap_experiment,
     question_position_experiment,
+    run_over_samples,
     sensitivity_experiment,
+    shortest_records,
     voting_variants_experiment,
     windows_along_prompt_experiment,
+    windows_samples,
 )
 from snapkv.analysis.observation.metrics import (
     COUNTS,
@@ -48,6 +56,16 @@ from snapkv.analysis.observation.plots import (
     voting_variants_figure,
     windows_along_prompt_figure,
 )
+from snapkv.analysis.observation.readings import (
+    hit_rate_reading,
+    hit_rate_verdict,
+    interval_verdict,
+    last_vs_earliest,
+    question_overlap_reading,
+    question_position_reading,
+    voting_variants_reading,
+    windows_along_prompt_reading,
+)
 
 __all__ = [
     "voted_set", "important_set", "REFERENCES", "reference_set", "sink_positions", "token_metrics", "COUNTS",
@@ -55,7 +73,11 @@ __all__ = [
     "hit_rate_along_generation", "teacher_forced_attention", "greedy_continuation", "voted_overlap",
     "run_over_samples", "WindowVotes", "windows_along_prompt", "hit_rate_experiment", "sensitivity_experiment",
     "windows_along_prompt_experiment", "question_overlap_experiment", "question_position_experiment",
-    "voting_variants_experiment", "REFERENCE_STYLE", "hit_rate_along_generation_figure", "sensitivity_figure",
-    "windows_along_prompt_figure", "question_overlap_figure", "question_position_figure", "head_heatmap_figure",
-    "voting_variants_figure", "observation_metrics_figure",
+    "voting_variants_experiment", "HitRateSettings", "WindowsAlongPromptSettings", "QuestionOverlapSettings",
+    "QuestionPositionSettings", "VotingVariantsSettings", "shortest_records", "windows_samples", "layer_thirds",
+    "hit_rate_verdict", "hit_rate_reading", "interval_verdict", "last_vs_earliest", "windows_along_prompt_reading",
+    "question_overlap_reading", "question_position_reading", "voting_variants_reading", "REFERENCE_STYLE",
+    "hit_rate_along_generation_figure", "sensitivity_figure", "windows_along_prompt_figure",
+    "question_overlap_figure", "question_position_figure", "head_heatmap_figure", "voting_variants_figure",
+    "observation_metrics_figure",
 ]

@@ -11,7 +11,6 @@ import itertools
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from snapkv.analysis.observation.metrics import (
     REFERENCES,
@@ -23,7 +22,7 @@ from snapkv.analysis.observation.metrics import (
     voted_set,
 )
 from snapkv.core.compress import attach
-from snapkv.core.hook import AttentionCall
+from snapkv.core.hook import AttentionCall, Tap
 from snapkv.core.record import record_teacher_forced
 from snapkv.core.selection import observation_attention
 
@@ -106,16 +105,7 @@ def voted_overlap(model, sequences: list, document_len: int, *, window_size: int
     return pd.DataFrame.from_records(records)
 
 
-def run_over_samples(function, samples, desc: str, **kwargs) -> pd.DataFrame:
-    """Call `function(sample, **kwargs)` for each sample with a progress bar; concatenates the DataFrames,
-    tagged with a `sample` column."""
-    frames = []
-    for index, sample in enumerate(tqdm(samples, desc=desc)):
-        frames.append(function(sample, **kwargs).assign(sample=index))
-    return pd.concat(frames, ignore_index=True)
-
-
-class WindowVotes:
+class WindowVotes(Tap):
     """A tap that, during a forward over a whole prompt (and maybe its answer), sums the attention of
     each of the last `n_windows` prompt windows over the prompt up to that window's end.
 
@@ -126,15 +116,6 @@ class WindowVotes:
     def __init__(self, prompt_len: int, window_size: int, n_windows: int):
         self.prompt_len, self.window_size, self.n_windows = prompt_len, window_size, n_windows
         self.votes: dict[int, list[torch.Tensor]] = {}
-
-    def before_forward(self, module, args, kwargs):
-        pass
-
-    def after_forward(self, module, args, kwargs, output):
-        pass
-
-    def before_attention(self, call: AttentionCall) -> AttentionCall:
-        return call
 
     def after_attention(self, call: AttentionCall) -> None:
         if call.past_length != 0 or call.query_length < self.prompt_len:

@@ -1,10 +1,15 @@
-"""One function per observation notebook: prompt set in, tidy DataFrame out.
+"""One function per observation notebook: prompt set in, tidy DataFrame out, with each notebook's settings.
 
-Each loops over samples with a progress bar and tags rows with `sample`; `quick` settings live in the
-notebooks. Sample and token counts travel with the results so figures can say what they cover.
+Each notebook's defaults and quick-mode overrides live in one frozen dataclass here (`QUICK`: the fields a
+quick run changes; `snapkv.analysis.reporting.setup.resolve_settings` applies them). Every experiment runs
+its samples through `run_over_samples`, which tags rows with `sample`. Sample and token counts travel with
+the results so figures can say what they cover.
 """
 
 import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
 import pandas as pd
 import torch
@@ -18,27 +23,127 @@ from snapkv.analysis.observation.attention import (
     windows_along_prompt,
 )
 from snapkv.analysis.observation.metrics import metric_records, sensitivity_table, sink_positions, voted_set
-from snapkv.analysis.text import chat_ids, chat_request, cut_to_tokens
+from snapkv.analysis.text import chat_ids, chat_request, cut_to_tokens, load_prompt_set, question_text
+
+QUICK_CONTEXT_TOKENS = 400  # quick runs cut every context or document to this many tokens
 
 
-def _response_ids(tokenizer, text: str, tokens: int) -> torch.Tensor:
+@dataclass(frozen=True)
+class HitRateSettings:
+    """Notebook 01: hit rate along generation (Fig. 2) and its threshold / top-k sensitivity."""
+
+    n_samples: int = 20
+    window_size: int = 128  # observation window (the authors' code uses 128)
+    generation_window: int = 128  # answer tokens per window
+    steps: int = 4  # windows along the answer
+    top_k: float = 0.05  # voted set: this fraction of the prompt length
+    threshold: float = 0.05  # important: attention above this
+    protocols: tuple[str, ...] = ("reference", "greedy")
+    max_context_tokens: int | None = None
+    n_sensitivity: int = 5  # samples of the sensitivity sweep
+    QUICK: ClassVar[dict] = dict(n_samples=2, window_size=16, generation_window=16,
+                                 max_context_tokens=QUICK_CONTEXT_TOKENS, n_sensitivity=1)
+
+
+@dataclass(frozen=True)
+class WindowsAlongPromptSettings:
+    """Notebook 02: each of the last `n_windows` prompt windows as the observation window (v2 Fig. 2)."""
+
+    n_samples: int = 20
+    window_size: int = 128
+    n_windows: int = 20
+    generated_tokens: int = 512
+    top_k: float = 0.05
+    threshold: float = 0.05
+    max_context_tokens: int | None = None
+    QUICK: ClassVar[dict] = dict(n_samples=2, window_size=16, n_windows=6, generated_tokens=32,
+                                 max_context_tokens=QUICK_CONTEXT_TOKENS)
+
+
+@dataclass(frozen=True)
+class QuestionOverlapSettings:
+    """Notebook 03: overlap of different questions' voted sets on one document (v2 Fig. 4)."""
+
+    n_samples: int = 20
+    window_size: int = 32
+    top_k: float = 0.05
+    max_document_tokens: int | None = None
+    QUICK: ClassVar[dict] = dict(n_samples=2, max_document_tokens=QUICK_CONTEXT_TOKENS)
+
+
+@dataclass(frozen=True)
+class QuestionPositionSettings:
+    """Notebook 04: the question before or after the document (v2 Fig. 5)."""
+
+    n_samples: int = 20
+    questions_per_document: int = 2
+    window_size: int = 32
+    top_k: float = 0.05
+    threshold: float = 0.05
+    max_document_tokens: int | None = None
+    QUICK: ClassVar[dict] = dict(n_samples=2, questions_per_document=1, max_document_tokens=QUICK_CONTEXT_TOKENS)
+
+
+@dataclass(frozen=True)
+class VotingVariantsSettings:
+    """Notebook 05: per-head hit rates and voted sets made with other windows, kernels and GQA modes."""
+
+    n_samples: int = 20
+    window_sizes: tuple[int, ...] = (8, 16, 32, 64, 128)
+    kernel_sizes: tuple[int, ...] = (1, 3, 5, 7)
+    gqa_modes: tuple[str, ...] = ("expand", "mean", "max")
+    generation_tokens: int = 512
+    top_k: float = 0.05
+    threshold: float = 0.05
+    max_context_tokens: int | None = None
+    QUICK: ClassVar[dict] = dict(n_samples=2, window_sizes=(8, 32), generation_tokens=32,
+                                 max_context_tokens=QUICK_CONTEXT_TOKENS)
+
+
+def shortest_records(name: str, data_dir, n: int, *, longer_than: int = 0) -> list[dict]:
+    """The `n` shortest records of a prompt set ("chat" by context_tokens, "documents" by tokens) that have
+    more than `longer_than` tokens."""
+    length = "context_tokens" if name == "chat" else "tokens"
+    records = [r for r in load_prompt_set(name, data_dir) if r[length] > longer_than]
+    return sorted(records, key=lambda r: r[length])[:n]
+
+
+def run_over_samples(measure: Callable, samples: list, desc: str = "samples") -> pd.DataFrame:
+    """The one sample loop: `measure(sample)` yields (table, tags) pairs; each table gets the columns
+    sample (the sample's index) and `tags`, in that order, and all are concatenated; a progress bar shows."""
+    frames = []
+    for index, sample in enumerate(tqdm(samples, desc=desc)):
+        frames += [table.assign(sample=index, **tags) for table, tags in measure(sample)]
+    return pd.concat(frames, ignore_index=True)
+
+
+def _chat_prompt(tokenizer, sample: dict, max_context_tokens: int | None) -> torch.Tensor:
+    return torch.tensor(chat_ids(tokenizer, chat_request(sample, tokenizer, max_context_tokens)))[None]
+
+
+def _response_ids(tokenizer, text: str, tokens: int | None = None) -> torch.Tensor:
     return torch.tensor(tokenizer(text, add_special_tokens=False).input_ids[:tokens])[None]
 
 
-def hit_rate_experiment(model, tokenizer, samples: list[dict], *, protocols=("reference", "greedy"),
-                        window_size: int = 128, steps: int = 4, generation_window: int = 128,
-                        top_k: float = 0.05, threshold: float = 0.05, max_context_tokens: int | None = None,
+def _document_text(document: dict, tokenizer, max_document_tokens: int | None) -> str:
+    if max_document_tokens is None:
+        return document["text"]
+    return cut_to_tokens(document["text"], tokenizer, max_document_tokens)
+
+
+def hit_rate_experiment(model, tokenizer, samples: list[dict], settings: HitRateSettings,
                         by_head: bool = False) -> pd.DataFrame:
     """Fig. 2: hit rate per layer for `steps` generation windows, for chat samples under each protocol.
 
-    "reference": the record's reference continuation, teacher-forced (the authors' protocol);
-    "greedy": the model's own greedy answer of the same length.
+    "reference": the record's reference continuation, teacher-forced (the authors' protocol), skipped when
+    it is shorter than the answer; "greedy": the model's own greedy answer of the same length.
     """
-    frames = []
-    for index, sample in enumerate(tqdm(samples, desc="samples")):
-        prompt = torch.tensor(chat_ids(tokenizer, chat_request(sample, tokenizer, max_context_tokens)))[None]
-        answer_tokens = steps * generation_window
-        for protocol in protocols:
+    s = settings
+    answer_tokens = s.steps * s.generation_window
+
+    def measure(sample):
+        prompt = _chat_prompt(tokenizer, sample, s.max_context_tokens)
+        for protocol in s.protocols:
             if protocol == "reference":
                 response = _response_ids(tokenizer, sample["response"], answer_tokens)
                 if response.shape[1] < answer_tokens:
@@ -48,60 +153,76 @@ def hit_rate_experiment(model, tokenizer, samples: list[dict], *, protocols=("re
                 ids = greedy_continuation(model, prompt, answer_tokens)
             else:
                 raise ValueError(f"unknown protocol {protocol!r}: use 'reference' or 'greedy'")
-            table = hit_rate_along_generation(model, ids, prompt.shape[1], window_size=window_size, steps=steps,
-                                              top_k=top_k, threshold=threshold,
-                                              generation_window=generation_window, by_head=by_head)
-            frames.append(table.assign(sample=index, protocol=protocol, prompt_tokens=prompt.shape[1]))
-    return pd.concat(frames, ignore_index=True)
+            table = hit_rate_along_generation(model, ids, prompt.shape[1], window_size=s.window_size, steps=s.steps,
+                                              top_k=s.top_k, threshold=s.threshold,
+                                              generation_window=s.generation_window, by_head=by_head)
+            yield table, dict(protocol=protocol, prompt_tokens=prompt.shape[1])
+
+    return run_over_samples(measure, samples)
 
 
-def sensitivity_experiment(model, tokenizer, samples: list[dict], *, window_size: int = 128,
-                           answer_tokens: int = 512, max_context_tokens: int | None = None, **sweeps) -> pd.DataFrame:
-    """Hit rate vs the importance threshold and vs the top-k fraction (reference answers, teacher-forced);
-    `sweeps` go to `metrics.sensitivity_table`."""
-    frames = []
-    for index, sample in enumerate(tqdm(samples, desc="samples")):
-        prompt = torch.tensor(chat_ids(tokenizer, chat_request(sample, tokenizer, max_context_tokens)))[None]
-        ids = torch.cat([prompt, _response_ids(tokenizer, sample["response"], answer_tokens)], 1)
-        observation, generated = teacher_forced_attention(model, ids, prompt.shape[1], window_size)
-        table = sensitivity_table(observation, generated, window_size=window_size, **sweeps)
-        frames.append(table.assign(sample=index))
-    return pd.concat(frames, ignore_index=True)
+def sensitivity_experiment(model, tokenizer, samples: list[dict], settings: HitRateSettings,
+                           **sweeps) -> pd.DataFrame:
+    """Hit rate vs the importance threshold and vs the top-k fraction over the reference answer's first
+    `steps * generation_window` tokens (teacher-forced); `sweeps` go to `metrics.sensitivity_table`."""
+    s = settings
+
+    def measure(sample):
+        prompt = _chat_prompt(tokenizer, sample, s.max_context_tokens)
+        ids = torch.cat([prompt, _response_ids(tokenizer, sample["response"], s.steps * s.generation_window)], 1)
+        observation, generated = teacher_forced_attention(model, ids, prompt.shape[1], s.window_size)
+        yield sensitivity_table(observation, generated, window_size=s.window_size, **sweeps), {}
+
+    return run_over_samples(measure, samples)
 
 
-def windows_along_prompt_experiment(model, tokenizer, samples: list[dict], *, window_size: int = 128,
-                                    n_windows: int = 20, generated_tokens: int = 512, top_k: float = 0.05,
-                                    threshold: float = 0.05, max_context_tokens: int | None = None) -> pd.DataFrame:
+def windows_along_prompt_experiment(model, tokenizer, samples: list[dict],
+                                    settings: WindowsAlongPromptSettings) -> pd.DataFrame:
     """v2 Fig. 2: each of the last `n_windows` prompt windows used as the observation window, against
     the first `generated_tokens` tokens of the reference answer."""
-    frames = []
-    for index, sample in enumerate(tqdm(samples, desc="samples")):
-        prompt = torch.tensor(chat_ids(tokenizer, chat_request(sample, tokenizer, max_context_tokens)))[None]
-        response = _response_ids(tokenizer, sample["response"], generated_tokens)
+    s = settings
+
+    def measure(sample):
+        prompt = _chat_prompt(tokenizer, sample, s.max_context_tokens)
+        response = _response_ids(tokenizer, sample["response"], s.generated_tokens)
         table = windows_along_prompt(model, torch.cat([prompt, response], 1), prompt.shape[1],
-                                     window_size=window_size, n_windows=n_windows, top_k=top_k, threshold=threshold)
-        frames.append(table.assign(sample=index, prompt_tokens=prompt.shape[1]))
-    return pd.concat(frames, ignore_index=True)
+                                     window_size=s.window_size, n_windows=s.n_windows, top_k=s.top_k,
+                                     threshold=s.threshold)
+        yield table, dict(prompt_tokens=prompt.shape[1])
+
+    return run_over_samples(measure, samples)
 
 
-def question_overlap_experiment(model, tokenizer, documents: list[dict], *, window_size: int = 32,
-                                top_k: float = 0.05, max_document_tokens: int | None = None) -> pd.DataFrame:
+def windows_samples(data_dir, settings: WindowsAlongPromptSettings) -> list[dict]:
+    """The shortest chat samples long enough for `n_windows` windows plus one."""
+    return shortest_records("chat", data_dir, settings.n_samples,
+                            longer_than=(settings.n_windows + 2) * settings.window_size)
+
+
+def layer_thirds(layers: pd.Series, num_layers: int) -> pd.Series:
+    """Each layer's third of the model as a label, e.g. "layers 0-9", "layers 10-19", "layers 20-29"."""
+    third = layers * 3 // num_layers
+    spans = {t: f"layers {layers[third == t].min()}-{layers[third == t].max()}" for t in sorted(third.unique())}
+    return third.map(spans)
+
+
+def question_overlap_experiment(model, tokenizer, documents: list[dict],
+                                settings: QuestionOverlapSettings) -> pd.DataFrame:
     """v2 Fig. 4: overlap of the voted sets of different questions (each followed by its reference
     answer) on the same document, per layer."""
-    frames = []
-    for index, document in enumerate(tqdm(documents, desc="documents")):
-        text = document["text"] if max_document_tokens is None else cut_to_tokens(document["text"], tokenizer,
-                                                                                  max_document_tokens)
-        sequences = []
-        for question in document["questions"]:
-            prompt = chat_ids(tokenizer, f"{text}\n\n{question['question']}")
-            answer = tokenizer(question["answer"], add_special_tokens=False).input_ids
-            sequences.append(torch.tensor(prompt + answer)[None])
+    s = settings
+
+    def measure(document):
+        text = _document_text(document, tokenizer, s.max_document_tokens)
+        sequences = [torch.tensor(chat_ids(tokenizer, f"{text}\n\n{question_text(tokenizer, question['question'])}")
+                                  + tokenizer(question["answer"], add_special_tokens=False).input_ids)[None]
+                     for question in document["questions"]]
         shared = _shared_prefix(sequences)
-        window = min(window_size, min(s.shape[1] for s in sequences) - shared)
-        table = voted_overlap(model, sequences, shared, window_size=window, top_k=top_k)
-        frames.append(table.assign(sample=index, document_tokens=shared, window_size=window))
-    return pd.concat(frames, ignore_index=True)
+        window = min(s.window_size, min(sequence.shape[1] for sequence in sequences) - shared)
+        table = voted_overlap(model, sequences, shared, window_size=window, top_k=s.top_k)
+        yield table, dict(document_tokens=shared, window_size=window)
+
+    return run_over_samples(measure, documents, desc="documents")
 
 
 def _shared_prefix(sequences: list[torch.Tensor]) -> int:
@@ -111,51 +232,52 @@ def _shared_prefix(sequences: list[torch.Tensor]) -> int:
     return int(same.long().cumprod(0).sum())
 
 
-def question_position_experiment(model, tokenizer, documents: list[dict], *, window_size: int = 32,
-                                 top_k: float = 0.05, threshold: float = 0.05,
-                                 max_document_tokens: int | None = None, questions_per_document: int = 2
-                                 ) -> pd.DataFrame:
+def question_position_experiment(model, tokenizer, documents: list[dict],
+                                 settings: QuestionPositionSettings) -> pd.DataFrame:
     """v2 Fig. 5: hit rate of the reference answer's tokens when the question sits before the document
     ("beginning") or after it ("end"); the observation window is the prompt's last `window_size` tokens."""
-    frames = []
-    for index, document in enumerate(tqdm(documents, desc="documents")):
-        text = document["text"] if max_document_tokens is None else cut_to_tokens(document["text"], tokenizer,
-                                                                                  max_document_tokens)
-        for question in document["questions"][:questions_per_document]:
-            answer = torch.tensor(tokenizer(question["answer"], add_special_tokens=False).input_ids)[None]
-            for placement, content in (("beginning", f"{question['question']}\n\n{text}"),
-                                       ("end", f"{text}\n\n{question['question']}")):
+    s = settings
+
+    def measure(document):
+        text = _document_text(document, tokenizer, s.max_document_tokens)
+        for question in document["questions"][: s.questions_per_document]:
+            answer = _response_ids(tokenizer, question["answer"])
+            asked = question_text(tokenizer, question["question"])
+            for placement, content in (("beginning", f"{asked}\n\n{text}"), ("end", f"{text}\n\n{asked}")):
                 prompt = torch.tensor(chat_ids(tokenizer, content))[None]
                 table = hit_rate_along_generation(model, torch.cat([prompt, answer], 1), prompt.shape[1],
-                                                  window_size=window_size, steps=1, top_k=top_k,
-                                                  threshold=threshold, generation_window=answer.shape[1])
-                frames.append(table.assign(sample=index, question=question["name"], placement=placement))
-    return pd.concat(frames, ignore_index=True)
+                                                  window_size=s.window_size, steps=1, top_k=s.top_k,
+                                                  threshold=s.threshold, generation_window=answer.shape[1])
+                yield table, dict(question=question["name"], placement=placement)
+
+    return run_over_samples(measure, documents, desc="documents")
 
 
-def voting_variants_experiment(model, tokenizer, samples: list[dict], *, window_sizes=(8, 16, 32, 64, 128),
-                               kernel_sizes=(1, 3, 5, 7), gqa_modes=("expand", "mean", "max"),
-                               generation_tokens: int = 512, top_k: float = 0.05, threshold: float = 0.05,
-                               max_context_tokens: int | None = None) -> pd.DataFrame:
+def voting_variants_experiment(model, tokenizer, samples: list[dict], settings: VotingVariantsSettings) -> pd.DataFrame:
     """Beyond the paper: hit rate per layer and head when the voted set is made with another window
     size, a pooling kernel (maxpool) or a GQA aggregation (one set per KV group, shared by its query
     heads). One recording of the largest window serves every variant: a smaller window's rows are
-    the last rows of the larger one."""
-    largest = max(window_sizes)
-    variants = ([("window_size", w, w, 1, "expand") for w in window_sizes]
-                + [("kernel_size", k, largest, k, "expand") for k in kernel_sizes]
-                + [("gqa", g, largest, 1, g) for g in gqa_modes])
+    the last rows of the larger one. Columns: sample, layer, setting, value, then `metric_records`'."""
+    s = settings
+    largest = max(s.window_sizes)
+    variants = ([("window_size", w, w, 1, "expand") for w in s.window_sizes]
+                + [("kernel_size", k, largest, k, "expand") for k in s.kernel_sizes]
+                + [("gqa", g, largest, 1, g) for g in s.gqa_modes])
     kv_heads = model.config.num_key_value_heads
-    records = []
-    for index, sample in enumerate(tqdm(samples, desc="samples")):
-        prompt = torch.tensor(chat_ids(tokenizer, chat_request(sample, tokenizer, max_context_tokens)))[None]
-        ids = torch.cat([prompt, _response_ids(tokenizer, sample["response"], generation_tokens)], 1)
+
+    def measure(sample):
+        prompt = _chat_prompt(tokenizer, sample, s.max_context_tokens)
+        ids = torch.cat([prompt, _response_ids(tokenizer, sample["response"], s.generation_tokens)], 1)
         observations, generated = teacher_forced_attention(model, ids, prompt.shape[1], largest)
-        k = int(top_k * prompt.shape[1])
+        k = int(s.top_k * prompt.shape[1])
+        records = []
         for layer, (setting, value, window, kernel, gqa) in itertools.product(observations, variants):
             observation = observations[layer][..., -window:, :]
             voted = voted_set(observation, k, kernel_size=kernel, gqa=gqa, kv_heads=kv_heads)
             records += metric_records(generated[layer], {"snapkv": [voted]}, sink_positions(observation),
-                                      window=window, threshold=threshold, generation_window=generation_tokens,
-                                      by_head=True, sample=index, layer=layer, setting=setting, value=str(value))
-    return pd.DataFrame.from_records(records)
+                                      window=window, threshold=s.threshold, generation_window=s.generation_tokens,
+                                      by_head=True, layer=layer, setting=setting, value=str(value))
+        yield pd.DataFrame.from_records(records), {}
+
+    table = run_over_samples(measure, samples)
+    return table[["sample", *table.columns.drop("sample")]]

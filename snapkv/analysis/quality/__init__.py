@@ -1,9 +1,13 @@
 """Long-context quality: needle-in-a-haystack and a RULER-style task suite, SnapKV against baselines.
 
-prompts (what is asked) -> methods (which policies) -> runner (answers from one shared prefill per prompt)
--> scoring (each answer) -> statistics (calibration, retention, suite means) -> plots (one figure a function).
+prompts (what is asked) -> methods (which policies, and each experiment's defaults) -> runner (answers from one
+shared prefill per prompt) -> scoring (each answer) -> statistics (calibration, retention, suite means) ->
+ablation (pooling) -> plots (one function per figure).
 """
 
+from snapkv.analysis.quality.ablation import (
+    pooling_ablation,
+)
 from snapkv.analysis.quality.methods import (
     ABLATION_BUDGETS,
     ABLATION_METHODS,
@@ -11,8 +15,15 @@ from snapkv.analysis.quality.methods import (
     DEFAULT_METHODS,
     KERNEL_SIZE,
     METHODS,
+    MODES,
+    POOLING,
+    QUICK_BUDGETS,
+    QUICK_LENGTHS,
+    QUICK_METHODS,
     WINDOW_SIZE,
     Method,
+    NeedleSettings,
+    TaskSettings,
     check_lengths_fit,
     check_methods,
     method_grid,
@@ -36,13 +47,10 @@ from snapkv.analysis.quality.prompts import (
 )
 from snapkv.analysis.quality.runner import (
     DEFAULT_PREFILL_CHUNK,
-    MODES,
     GeneratedAnswer,
     answers_with_shared_prefill,
     calibrated_evaluate,
     evaluate,
-    fork_cache,
-    fork_session,
     needle_retention,
     needle_retention_experiment,
     needle_tokens,
@@ -68,10 +76,11 @@ __all__ = [
     "DEFAULT_LENGTHS", "DEFAULT_DEPTHS", "TASKS", "NEEDLE_FORMATS", "CITIES", "WORDS", "QualityPrompt",
     "needle_fact", "check_lengths", "check_samples", "needle_prompts", "CODE_INSTRUCTION", "CODE_QUESTION",
     "task_prompts", "DEFAULT_BUDGETS", "ABLATION_BUDGETS", "WINDOW_SIZE", "KERNEL_SIZE", "METHODS",
-    "ABLATION_METHODS", "DEFAULT_METHODS", "Method", "method_policy", "check_methods", "method_grid",
-    "check_lengths_fit", "MODES", "DEFAULT_PREFILL_CHUNK", "GeneratedAnswer", "fork_cache", "fork_session",
-    "answers_with_shared_prefill", "evaluate", "needle_tokens", "needle_retention",
-    "needle_retention_experiment", "calibrated_evaluate", "contains_score", "prefix_score", "first_code_line",
-    "edit_similarity", "score_answer", "CALIBRATION_THRESHOLD", "calibrate", "with_full_score",
-    "retention_table", "summarize_quality", "suite_means", "target_checks",
+    "ABLATION_METHODS", "DEFAULT_METHODS", "MODES", "POOLING", "Method", "method_policy", "check_methods",
+    "method_grid", "check_lengths_fit", "QUICK_METHODS", "QUICK_BUDGETS", "QUICK_LENGTHS", "NeedleSettings",
+    "TaskSettings", "DEFAULT_PREFILL_CHUNK", "GeneratedAnswer", "answers_with_shared_prefill", "evaluate",
+    "needle_tokens", "needle_retention", "needle_retention_experiment", "calibrated_evaluate", "contains_score",
+    "prefix_score", "first_code_line", "edit_similarity", "score_answer", "CALIBRATION_THRESHOLD", "calibrate",
+    "with_full_score", "retention_table", "summarize_quality", "suite_means", "target_checks",
+    "pooling_ablation",
 ]

@@ -1,8 +1,13 @@
-"""Named methods (a policy at a budget) and the grid of them an experiment runs."""
+"""Named methods (a policy at a budget), the grid of them an experiment runs, and the defaults (with their
+quick-mode overrides) of the needle grid and the task suite, which `snapkv needle` / `snapkv tasks` and
+notebooks 06 / 07 all read."""
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from snapkv import H2O, FullCache, Policy, RandomEviction, SnapKV, StreamingLLM
+from snapkv.analysis.quality.prompts import DEFAULT_DEPTHS, DEFAULT_LENGTHS, TASKS
+from snapkv.analysis.quality.statistics import CALIBRATION_THRESHOLD
 
 DEFAULT_BUDGETS = (128, 256, 512, 1024)
 ABLATION_BUDGETS = (128,)
@@ -10,6 +15,8 @@ WINDOW_SIZE, KERNEL_SIZE = 16, 5  # the paper's needle-in-a-haystack setting (ma
 METHODS = ("full", "snapkv", "streaming", "random", "h2o", "snapkv-avgpool", "snapkv-nopool")
 ABLATION_METHODS = ("snapkv-avgpool", "snapkv-nopool")  # run at the ablation budgets only
 DEFAULT_METHODS = METHODS
+MODES = ("question-aware", "question-agnostic")  # compress with the question in the window, or before it
+POOLING = {"snapkv": "maxpool", "snapkv-avgpool": "avgpool", "snapkv-nopool": "none"}  # SnapKV variant: its pooling
 
 
 @dataclass(frozen=True)
@@ -34,9 +41,8 @@ def method_policy(name: str, budget: int | None, *, window_size: int = WINDOW_SI
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}: choose from {', '.join(METHODS)}")
     if name.startswith("snapkv"):
-        pooling = {"snapkv": "maxpool", "snapkv-avgpool": "avgpool", "snapkv-nopool": "none"}[name]
-        return SnapKV(window_size=window_size, max_capacity_prompt=budget, kernel_size=kernel_size, pooling=pooling,
-                      gqa="mean")
+        return SnapKV(window_size=window_size, max_capacity_prompt=budget, kernel_size=kernel_size,
+                      pooling=POOLING[name], gqa="mean")
     if name == "streaming":
         return StreamingLLM(sink_size=4, max_capacity_prompt=budget)
     if name == "random":
@@ -87,3 +93,47 @@ def check_lengths_fit(lengths, model, max_new_tokens: int = 40) -> None:
                          f"({limit} positions): use lengths <= {limit - max_new_tokens}")
 
 
+QUICK_METHODS = ("full", "snapkv")  # quick runs: a tiny smoke run of one short length
+QUICK_BUDGETS = (128,)
+QUICK_LENGTHS = (512,)
+
+
+@dataclass(frozen=True)
+class NeedleSettings:
+    """The needle-in-a-haystack grid (`snapkv needle`, notebook 06); QUICK: what a quick run changes."""
+
+    lengths: tuple[int, ...] = DEFAULT_LENGTHS  # prompt tokens
+    depths: tuple[float, ...] = DEFAULT_DEPTHS
+    methods: tuple[str, ...] = METHODS
+    budgets: tuple[int, ...] = DEFAULT_BUDGETS
+    ablation_budgets: tuple[int, ...] = ABLATION_BUDGETS  # of the pooling ablation (ABLATION_METHODS)
+    samples: int = 1  # needles per length, each at every depth
+    modes: tuple[str, ...] = ("question-aware",)
+    haystack: str | None = None  # a text file; None: standard-library docstrings
+    needle_format: str = "number"
+    seed: int = 0
+    window_size: int = WINDOW_SIZE
+    kernel_size: int = KERNEL_SIZE
+    QUICK: ClassVar[dict] = dict(lengths=QUICK_LENGTHS, depths=(0.0, 0.5, 1.0), budgets=QUICK_BUDGETS,
+                                 methods=(*QUICK_METHODS, *ABLATION_METHODS), ablation_budgets=QUICK_BUDGETS)
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """The RULER-style task suite (`snapkv tasks`, notebook 07); QUICK: what a quick run changes."""
+
+    tasks: tuple[str, ...] = TASKS
+    lengths: tuple[int, ...] = (1000, 2000, 4000)
+    samples: int = 5  # prompts per task and length
+    methods: tuple[str, ...] = ("full", "snapkv", "streaming", "random", "h2o")
+    budgets: tuple[int, ...] = DEFAULT_BUDGETS
+    ablation_budgets: tuple[int, ...] = ABLATION_BUDGETS  # used only when methods include ABLATION_METHODS
+    modes: tuple[str, ...] = MODES
+    threshold: float = CALIBRATION_THRESHOLD  # full-cache score a (task, length) group needs to be kept
+    calibration_samples: int = 3
+    haystack: str | None = None
+    seed: int = 0
+    window_size: int = WINDOW_SIZE
+    kernel_size: int = KERNEL_SIZE
+    QUICK: ClassVar[dict] = dict(tasks=("single_key",), lengths=QUICK_LENGTHS, samples=1, methods=QUICK_METHODS,
+                                 budgets=QUICK_BUDGETS, calibration_samples=1)

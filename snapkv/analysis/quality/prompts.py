@@ -3,6 +3,9 @@ are exact:
 
     context_ids = chat-template head + context (haystack with inserted facts, or a source-file prefix)
     tail_ids    = "\\n\\n" + question + end of the user turn + assistant header + answer prefix
+
+For a tokenizer without a chat template (a base model) the head is its special prefix (``<bos>``) and the
+tail "\\n\\nQuestion: " + question + "\\nAnswer: " + answer prefix (`snapkv.analysis.text.chat_parts`).
 """
 
 import ast
@@ -12,7 +15,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from snapkv.analysis.text import MODULES, chat_parts, load_haystack, module_source, token_ids
+from snapkv.analysis.text import (
+    MODULES,
+    answer_start,
+    chat_parts,
+    load_haystack,
+    module_source,
+    question_text,
+    token_ids,
+)
+from snapkv.core import check_int
 
 DEFAULT_LENGTHS = (1000, 2000, 4000, 6000, 8000)
 DEFAULT_DEPTHS = tuple(round(i / 10, 1) for i in range(11))
@@ -41,8 +53,9 @@ def _haystacktoken_ids(tokenizer, text: str | None, lengths) -> list[int]:
 @dataclass(frozen=True)
 class QualityPrompt:
     """One test prompt: context_ids (chat head + context) then tail_ids (question, end of turn, assistant
-    header, answer prefix). `expected` holds the strings the answer must contain (or the reference line
-    for scoring "edit_similarity")."""
+    header, answer prefix; without a chat template: <bos> + context, then "Question: ...\\nAnswer: ...").
+    `expected` holds the strings the answer must contain (or the reference line for scoring
+    "edit_similarity")."""
 
     task: str
     length: int
@@ -68,7 +81,8 @@ class QualityPrompt:
 
 
 def _tail(tokenizer, end: str, question: str, answer_prefix: str) -> list[int]:
-    return token_ids(tokenizer, f"\n\n{question}{end}{answer_prefix}")
+    asked = question_text(tokenizer, question)
+    return token_ids(tokenizer, f"\n\n{asked}{answer_start(tokenizer, end, answer_prefix)}")
 
 
 def _fill(haystack: list[int], inserts: list[tuple[float, list[int]]], length: int, rng: random.Random
@@ -124,16 +138,11 @@ def check_lengths(lengths) -> list[int]:
     lengths = list(lengths)
     if not lengths:
         raise ValueError("lengths is empty: give at least one context length")
-    for length in lengths:
-        if isinstance(length, bool) or not isinstance(length, int) or length <= 0:
-            raise ValueError(f"lengths must be positive ints, got {length!r}")
-    return lengths
+    return [check_int("lengths", length, 1) for length in lengths]
 
 
 def check_samples(samples) -> int:
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples <= 0:
-        raise ValueError(f"samples must be a positive int, got {samples!r}")
-    return samples
+    return check_int("samples", samples, 1)
 
 
 def needle_prompts(tokenizer, *, lengths=DEFAULT_LENGTHS, depths=DEFAULT_DEPTHS, samples: int = 1, seed: int = 0,

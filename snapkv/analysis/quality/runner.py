@@ -13,12 +13,12 @@ Two compression modes (`MODES`):
 
 Shared prefill (`answers_with_shared_prefill`): prefill is the dominant cost and it does not depend on
 the eviction policy (every policy prefills with the full cache), so each prompt is prefilled ONCE by an
-observing compression session, and every method then decodes from its own fork: a shallow copy of the
-KV cache and a new `CompressionSession` holding a copy of what the observer saw (last window queries,
-H2O's accumulated attention). Both modes share that prefill (the context part is prefilled first; the
+observing compression session, and every method then decodes from its own fork: a copy of the KV cache
+(`copy_cache`) and `observer.fork(policy)`, a session that starts from what the observer saw (last window
+queries, H2O's accumulated attention). Both modes share that prefill (the context part is prefilled first; the
 question-agnostic forks are taken there; the tail is then prefilled on top for the question-aware forks).
 The result equals running `model.generate` inside `snapkv.compress(model, policy)` once per method
-(pinned by tests/test_quality.py), at the cost of one prefill per prompt instead of one per method.
+(pinned by tests/analysis/quality/test_quality.py), at the cost of one prefill per prompt instead of one per method.
 
 Tables are tidy: one row per (prompt, mode, method, budget) with `score` in [0, 1] (needle and key
 retrieval: 1 if the answer contains the value; multi-value and variable tracking: the fraction of the
@@ -26,10 +26,8 @@ expected values/names present; code: difflib edit similarity of the first answer
 (score == 1; for code: the line is reproduced exactly).
 """
 
-import copy
 import dataclasses
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -38,14 +36,14 @@ import torch
 from tqdm.auto import tqdm
 
 from snapkv import H2O, Policy, SnapKV
-from snapkv.analysis.quality.methods import Method, check_lengths_fit, method_grid
+from snapkv.analysis.quality.methods import MODES, Method, check_lengths_fit, method_grid
 from snapkv.analysis.quality.prompts import QualityPrompt, check_samples
 from snapkv.analysis.quality.scoring import first_code_line, prefix_score, score_answer
 from snapkv.analysis.quality.statistics import CALIBRATION_THRESHOLD, calibrate
 from snapkv.analysis.text import token_ids
+from snapkv.core.compat import copy_cache, forward, new_cache, prefill
 from snapkv.core.compress import CompressionSession, attach
 
-MODES = ("question-aware", "question-agnostic")
 DEFAULT_PREFILL_CHUNK = 2048
 
 
@@ -62,52 +60,11 @@ class GeneratedAnswer:
     kept_positions: dict = dataclasses.field(default_factory=dict)
 
 
-def fork_cache(cache):
-    """A copy of a prefilled cache that a method may extend and compress without touching the original.
-
-    DynamicLayer.update concatenates into new tensors and compression replaces whole layers, so copying
-    the layer objects (not their tensors) is enough; other layer types are deep-copied."""
-    from transformers.cache_utils import DynamicLayer
-
-    if all(type(layer) is DynamicLayer for layer in cache.layers):
-        forked = copy.copy(cache)
-        forked.layers = [copy.copy(layer) for layer in cache.layers]
-        return forked
-    return copy.deepcopy(cache)
-
-
 def _observer_policy(policies: Sequence[Policy]) -> Policy:
     window = max([max(p.window_size, 1) for p in policies] + [1])
     if any(p.needs_accumulated_attention for p in policies):
         return H2O(max_capacity_prompt=window + 1, window_size=window)
     return SnapKV(window_size=window, max_capacity_prompt=window + 1, kernel_size=1)
-
-
-def fork_session(observer: CompressionSession, policy: Policy) -> CompressionSession:
-    """A compression session for `policy` that starts from what `observer` saw during prefill: the last
-    `policy.window_size` queries of every layer (and the accumulated attention when the policy needs it)."""
-    seen = getattr(observer, "_layers", None)
-    if not isinstance(seen, dict) or not seen:
-        raise RuntimeError("the observing session recorded no prefill state (snapkv.core.compress changed?): "
-                           "the shared prefill cannot fork it")
-    session = CompressionSession(observer.model, policy, observer.prefill_chunk_size)
-    window = max(policy.window_size, 1)
-    if window > max(observer.policy.window_size, 1):
-        raise ValueError(f"the observer kept {observer.policy.window_size} queries per layer; {window} are needed")
-    for layer, state in seen.items():
-        session._layers[layer] = dataclasses.replace(
-            state, query_window=state.query_window[..., -window:, :],
-            accumulated=state.accumulated if policy.needs_accumulated_attention else None, done=False)
-    return session
-
-
-def _forward_chunks(model, ids: torch.Tensor, cache, chunk: int | None) -> torch.Tensor:
-    """Feed `ids` (1, n) into `cache` in chunks; logits of the last position (1, vocab)."""
-    chunk = chunk or ids.shape[1]
-    logits = None
-    for start in range(0, ids.shape[1], chunk):
-        logits = model(input_ids=ids[:, start : start + chunk], past_key_values=cache, use_cache=True).logits
-    return logits[:, -1].float()
 
 
 def _greedy(model, cache, logits: torch.Tensor, max_new_tokens: int, stop_ids, stop, keep_logits: bool):
@@ -120,7 +77,7 @@ def _greedy(model, cache, logits: torch.Tensor, max_new_tokens: int, stop_ids, s
         if token in stop_ids or step == max_new_tokens - 1 or (stop is not None and stop(tokens)):
             break
         ids = torch.tensor([[token]], device=model.device)
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1].float()
+        logits = forward(model, ids, cache).logits[:, -1].float()
     return tokens, (torch.stack(rows) if keep_logits else None)
 
 
@@ -156,16 +113,14 @@ def answers_with_shared_prefill(model, context_ids, tail_ids, methods: Sequence[
         raise ValueError(f"prefill_chunk_size ({prefill_chunk_size}) must be at least the window ({window})")
     if context.shape[1] < window:
         raise ValueError(f"the context has {context.shape[1]} tokens, fewer than the window ({window})")
-    from transformers import DynamicCache
-
     observer = CompressionSession(model, _observer_policy(policies), prefill_chunk_size or context.shape[1])
-    cache = DynamicCache(config=model.config)
+    cache = new_cache(model)
     results = {}
 
     def run(mode: str, first_logits_of) -> None:
         for method in methods:
-            session = fork_session(observer, method.policy)
-            forked = fork_cache(cache)
+            session = observer.fork(method.policy)
+            forked = copy_cache(cache)
             start = time.perf_counter()
             with attach(model, session):
                 logits = first_logits_of(session, forked)
@@ -177,17 +132,17 @@ def answers_with_shared_prefill(model, context_ids, tail_ids, methods: Sequence[
 
     def agnostic_first_logits(session, forked):
         session.compress_before_next_forward()
-        return model(input_ids=tail, past_key_values=forked, use_cache=True).logits[:, -1].float()
+        return forward(model, tail, forked).logits[:, -1].float()
 
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated", category=FutureWarning)
+    with torch.no_grad():
         with attach(model, observer):
-            aware_logits = _forward_chunks(model, context, cache, prefill_chunk_size)
+            prefill(model, context, cache, chunk_size=prefill_chunk_size)
         if "question-agnostic" in modes:
             run("question-agnostic", agnostic_first_logits)
         if "question-aware" in modes:
             with attach(model, observer):
-                aware_logits = _forward_chunks(model, tail, cache, prefill_chunk_size)
+                last = prefill(model, tail, cache, chunk_size=prefill_chunk_size, logits_to_keep=0)
+            aware_logits = last[:, -1].float()
             run("question-aware", lambda session, forked: aware_logits)
     return results
 
@@ -284,12 +239,15 @@ def needle_tokens(tokenizer, prompt: QualityPrompt) -> pd.DataFrame:
 
 def needle_retention(tokens: pd.DataFrame, kept_positions: dict) -> pd.DataFrame:
     """`tokens` (from `needle_tokens`) with kept_share: the share of (layer, KV head) pairs whose kept prompt
-    positions ({layer: (1, heads, kept)}, as in `GeneratedAnswer`) hold the token; 1.0 when nothing was evicted."""
+    positions ({layer: (1, heads, kept)}, as in `GeneratedAnswer`) hold the token, over the compressed layers
+    only (sliding-window layers, e.g. Gemma 3's, are never compressed and hold no kept positions); 1.0 when
+    nothing was evicted. compressed_layers: how many layers the share is over."""
     if not kept_positions:
-        return tokens.assign(kept_share=1.0)
+        return tokens.assign(kept_share=1.0, compressed_layers=0)
     wanted = torch.tensor(tokens.position.to_numpy())
     held = torch.cat([(kept[0].cpu()[:, :, None] == wanted).any(1) for kept in kept_positions.values()])
-    return tokens.assign(kept_share=held.float().mean(0).numpy())  # over (layers x heads)
+    return tokens.assign(kept_share=held.float().mean(0).numpy(),  # over (compressed layers x heads)
+                         compressed_layers=len(kept_positions))
 
 
 def needle_retention_experiment(model, tokenizer, prompts: Sequence[QualityPrompt], methods: Sequence[Method], *,

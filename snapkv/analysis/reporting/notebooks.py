@@ -19,11 +19,12 @@ import os
 import platform
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
 from tqdm.auto import tqdm
+
+from snapkv.core.environment import machine_description, package_versions
 
 DEFAULT_KERNEL = "python3"
 RUN_RECORD = "notebooks.json"
@@ -198,16 +199,103 @@ def run_notebook(notebook, out_dir, parameters: dict, kernel_name: str = DEFAULT
     return row
 
 
-def export_html(executed_notebook) -> Path:
-    """Write ``NAME.html`` next to an executed ``NAME.ipynb`` (outputs and figures embedded)."""
+def export_html(executed_notebook, plotly_js_dir=None) -> Path:
+    """Write ``NAME.html`` next to an executed ``NAME.ipynb`` (outputs and figures embedded) that works offline.
+
+    nbconvert's ``lab`` template loads require.js, MathJax, mermaid and the widget manager from CDNs; this page
+    loads nothing from the network: plotly outputs (``application/vnd.plotly.v1+json``) are drawn with the
+    shared ``plotly.min.js`` of ``plotly_js_dir`` (default: the ``figures`` folder next to the notebook; written
+    when missing, linked by a relative path), widget outputs (e.g. tqdm progress bars) are rendered as static
+    HTML from the widget state saved in the notebook, and math is left as written (the notebooks have none).
+    """
     import nbformat
+    from jinja2 import DictLoader
     from nbconvert import HTMLExporter
 
+    from snapkv.analysis.reporting.results import write_plotly_js
+
     executed_notebook = Path(executed_notebook)
-    body, _ = HTMLExporter().from_notebook_node(nbformat.read(executed_notebook, as_version=4))
     html = executed_notebook.with_suffix(".html")
+    notebook = nbformat.read(executed_notebook, as_version=4)
+    has_plotly = offline_outputs(notebook)
+    resources = {}
+    if has_plotly:
+        plotly_js = write_plotly_js(Path(plotly_js_dir) if plotly_js_dir else executed_notebook.parent / "figures")
+        resources["plotly_js_url"] = Path(os.path.relpath(plotly_js.resolve(), html.parent.resolve())).as_posix()
+    exporter = HTMLExporter(template_name="lab", extra_loaders=[DictLoader({OFFLINE_TEMPLATE: _OFFLINE_TEMPLATE})],
+                            template_file=OFFLINE_TEMPLATE)
+    body, _ = exporter.from_notebook_node(notebook, resources=resources)
     html.write_text(body, encoding="utf-8")
     return html
+
+
+OFFLINE_TEMPLATE = "snapkv_offline.html.j2"
+# nbconvert's lab page without its CDN scripts (require.js, MathJax, mermaid, the widget manager), plus the
+# shared plotly.js when the notebook has plotly outputs
+_OFFLINE_TEMPLATE = """{%- extends 'index.html.j2' -%}
+{%- block html_head_js -%}
+{%- if resources.plotly_js_url %}<script src="{{ resources.plotly_js_url }}"></script>{% endif -%}
+{%- endblock html_head_js -%}
+{% block jupyter_widgets %}{% endblock jupyter_widgets %}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+"""
+PLOTLY_MIME = "application/vnd.plotly.v1+json"
+WIDGET_VIEW_MIME = "application/vnd.jupyter.widget-view+json"
+WIDGET_STATE_MIME = "application/vnd.jupyter.widget-state+json"
+
+
+def offline_outputs(notebook) -> bool:
+    """Rewrite, in place, the outputs of an executed notebook (nbformat node) that need a script from the
+    network: each plotly figure gets a ``text/html`` that draws it with a page-level ``Plotly`` (no require.js,
+    no CDN), each widget view becomes static HTML of its saved state (or its ``text/plain``), and the widget
+    state leaves the metadata. Returns True when the notebook has a plotly output."""
+    import plotly.io as pio
+
+    state = notebook.metadata.pop("widgets", {}).get(WIDGET_STATE_MIME, {}).get("state", {})
+    has_plotly = False
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            data = output.get("data")
+            if not data:
+                continue
+            if PLOTLY_MIME in data:
+                has_plotly = True
+                data["text/html"] = pio.to_html(dict(data[PLOTLY_MIME]), include_plotlyjs=False, full_html=False,
+                                                validate=False, config={"responsive": True})
+            if WIDGET_VIEW_MIME in data:
+                view = data.pop(WIDGET_VIEW_MIME)
+                static = _widget_html(view.get("model_id"), state)
+                if static is not None:
+                    data["text/html"] = static
+                    data.pop("text/plain", None)
+    return has_plotly
+
+
+def _widget_html(model_id, state: dict, depth: int = 0) -> str | None:
+    """Static HTML for a saved widget (boxes, HTML/Label text and progress bars: what tqdm shows); None for
+    any other widget (its text/plain stays)."""
+    import html as html_escape
+
+    model = state.get(model_id) if model_id else None
+    if not model or depth > 8:
+        return None
+    name, values = model.get("model_name"), model.get("state", {})
+    if name in ("HBoxModel", "VBoxModel", "BoxModel"):
+        children = [_widget_html(str(child).removeprefix("IPY_MODEL_"), state, depth + 1)
+                    for child in values.get("children", [])]
+        if any(child is None for child in children):
+            return None
+        direction = "row" if name == "HBoxModel" else "column"
+        return (f"<div style='display:flex;flex-direction:{direction};gap:0.5em;align-items:center'>"
+                + "".join(children) + "</div>")
+    if name == "HTMLModel":
+        return f"<span>{values.get('value', '')}</span>"
+    if name == "LabelModel":
+        return f"<span>{html_escape.escape(str(values.get('value', '')))}</span>"
+    if name in ("FloatProgressModel", "IntProgressModel"):
+        return f"<progress value='{values.get('value', 0)}' max='{values.get('max', 100)}'></progress>"
+    return None
 
 
 def check_kernel(kernel_name: str) -> None:
@@ -263,44 +351,12 @@ def update_run_record(out_dir, kind: str, name: str, entry: dict, parameters: di
 
 def run_environment() -> dict:
     """Interpreter, platform, package versions, CPU and GPU of this machine, for the run record."""
-    versions = {}
-    for package in _RECORDED_PACKAGES:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
     return {
-        "python": sys.version.split()[0],
+        "python": platform.python_version(),
         "platform": platform.platform(),
-        "versions": versions,
+        "versions": package_versions(_RECORDED_PACKAGES),
         "machine": machine_description(),
     }
-
-
-def machine_description() -> dict:
-    """CPU model and count, memory, and the CUDA device (None without one)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    memory = None
-    try:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError, AttributeError):
-        pass
-    gpu = None
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            gpu = torch.cuda.get_device_name()
-    except ImportError:
-        pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "memory_gib": round(memory, 1) if memory else None, "gpu": gpu}
 
 
 def _normalized(value):

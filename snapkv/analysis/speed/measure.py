@@ -7,35 +7,39 @@ positions there), then times `decode_tokens` greedy steps of a manual loop
 
   decode_ms_per_token  median wall time of the timed steps (p10/p90 alongside)
   kv_cache_mib         keys + values bytes over `cache.layers` after decoding (exact, any device)
+  kv_slots_layer0      slots held by layer 0 (a sliding-window layer on Gemma 3: see the next two)
+  kv_slots_global      slots held by the first full-attention layer (the layers SnapKV compresses)
+  kv_slots_sliding     slots held by the first sliding-window layer (at most its window; None without any)
+  kv_bytes_per_slot    kv_cache_mib / (batch x mean slots per layer): bytes of one position in every layer
+  sliding_layers       how many layers are sliding-window layers (never compressed)
+  compressed_layers    how many layers the policy compressed (selected kept positions for; a budget covering
+                       the prompt keeps them all), compressed_layer_ids which ("5,11,17"); None for a press
   weights_mib          parameters + buffers of the model
   memory_mib           weights + KV cache: what decoding holds resident (activations aside)
   peak_memory_mib      torch.cuda.max_memory_allocated over prefill and decoding (CUDA only, else None)
+  *_cpu_*              the process's CPU time over the same spans as the wall times
+  generated_head       the first 8 greedy tokens of the first row (a check that methods agree)
 
-`speed_memory_table` runs it over prompt lengths x batch sizes x methods. Speed and memory do not depend
-on the text, so every row of a batch is the same prompt, and the prompt's first `n - tail` tokens are
-prefilled once per length (full cache, batch 1) and copied for every configuration, which then prefills
-its own last `tail` tokens (at least the observation window) under its method. `memory_extrapolation`
-carries the measured bytes per cache slot to longer prompts, for the "where does the full cache stop
-fitting" question. Rows follow `benchmarks/speed_memory.py`'s schema, plus `batch_size` and `status`.
+The policy is a snapkv policy or a kvpress press; `record_window` adds `snapkv.record` on top.
+
+This module needs torch alone (no pandas, no plotting), so that a benchmark worker that imports it measures
+the model's memory, not the analysis libraries'. `snapkv.analysis.speed.tables` runs it over a grid.
 """
 
-import inspect
-import math
+import contextlib
 import statistics
 import time
 
-import numpy as np
-import pandas as pd
 import torch
-from tqdm.auto import tqdm
+
+from snapkv.analysis.text import stdlib_source_ids
+from snapkv.core.compat import forward, new_cache, prefill
 
 MIB = 2**20
 GIB = 2**30
 ROW_FIELDS = ("method", "budget", "batch_size", "prompt_len", "prefill_s", "first_step_s", "decode_ms_per_token",
               "kv_cache_mib", "peak_rss_mib", "chunked", "status")
-PROMPT_MODULES = ("argparse", "collections", "typing", "inspect", "dataclasses", "pathlib", "functools", "enum",
-                  "logging", "subprocess", "textwrap", "configparser", "email.message", "ast", "tarfile",
-                  "zipfile", "difflib", "pydoc")
+WARM_UP_TOKENS = 64
 
 
 # -- small pieces --------------------------------------------------------------------------------------
@@ -55,6 +59,17 @@ def kv_slots(cache, layer: int = 0) -> int:
     return int(keys.shape[-2]) if isinstance(keys, torch.Tensor) else 0
 
 
+def kv_slots_by_kind(cache) -> dict:
+    """Slots held by the first full-attention layer and the first sliding-window layer (None when the cache has
+    none of that kind), and the number of sliding-window layers: {"kv_slots_global", "kv_slots_sliding",
+    "sliding_layers"}."""
+    sliding = [bool(getattr(layer, "is_sliding", False)) for layer in cache.layers]
+    first = {kind: next((i for i, s in enumerate(sliding) if s == kind), None) for kind in (False, True)}
+    return {"kv_slots_global": None if first[False] is None else kv_slots(cache, first[False]),
+            "kv_slots_sliding": None if first[True] is None else kv_slots(cache, first[True]),
+            "sliding_layers": sum(sliding)}
+
+
 def model_bytes(model) -> int:
     """Bytes of the model's parameters and buffers."""
     tensors = list(model.parameters()) + list(model.buffers())
@@ -62,65 +77,9 @@ def model_bytes(model) -> int:
 
 
 def prompt_ids(tokenizer, length: int) -> torch.Tensor:
-    """(1, length) token ids of real text: standard library source, module after module."""
-    from snapkv.analysis.text import module_source
-
-    text = ""
-    for name in PROMPT_MODULES:
-        text += f"# ---- {name} ----\n{module_source(name)}\n"
-        if len(text) < 3 * length:  # source code runs at 3.5-4 characters per token
-            continue
-        for cut in (text[: 5 * length], text):  # tokenize a little more than needed, everything if short
-            ids = tokenizer(cut, return_tensors="pt", add_special_tokens=False).input_ids
-            if ids.shape[-1] >= length:
-                return ids[:, :length]
-    raise ValueError(f"the modules in PROMPT_MODULES give fewer than {length} tokens: ask for a shorter prompt")
-
-
-def _cache_argument(model) -> str:
-    # transformers 5.x names the argument `cache` in newer releases (and deprecates `past_key_values`)
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def forward(model, ids: torch.Tensor, cache, **kwargs):
-    """One forward of `ids` (batch, q) appended to `cache`."""
-    return model(input_ids=ids, use_cache=True, **{_cache_argument(model): cache}, **kwargs)
-
-
-def chunk_bounds(start: int, stop: int, chunk_size: int | None) -> list[tuple[int, int]]:
-    """[start, stop) cut into chunks of `chunk_size` (one chunk when None). A last chunk of a single token
-    would be taken for a decoding step, so it borrows a token from the chunk before it."""
-    if stop <= start:
-        return []
-    size = chunk_size or stop - start
-    bounds = [(begin, min(begin + size, stop)) for begin in range(start, stop, size)]
-    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
-        (a, b), (_, d) = bounds[-2], bounds[-1]
-        bounds[-2:] = [(a, b - 1), (b - 1, d)]
-    return bounds
-
-
-def prefill(model, ids: torch.Tensor, cache, *, start: int = 0, chunk_size: int | None = None) -> torch.Tensor:
-    """Forward ids[:, start:] onto `cache` (in chunks when chunk_size is given); the last position's logits."""
-    logits = None
-    for begin, end in chunk_bounds(start, ids.shape[-1], chunk_size):
-        logits = forward(model, ids[:, begin:end], cache, logits_to_keep=1).logits
-    if logits is None:
-        raise ValueError(f"nothing to prefill: the cache already holds {start} of {ids.shape[-1]} tokens")
-    return logits[:, -1:]
-
-
-def copy_cache(model, cache, batch_size: int = 1):
-    """A new DynamicCache holding `cache`'s keys and values, each row repeated `batch_size` times."""
-    from transformers import DynamicCache
-
-    copy = DynamicCache(config=model.config)
-    for index, layer in enumerate(cache.layers):
-        keys, values = layer.keys, layer.values
-        if batch_size > 1:
-            keys, values = keys.repeat_interleave(batch_size, 0), values.repeat_interleave(batch_size, 0)
-        copy.update(keys.clone(), values.clone(), index)
-    return copy
+    """(1, length) token ids of real text: standard library source, module after module
+    (`snapkv.analysis.text.stdlib_source_ids`)."""
+    return torch.tensor([stdlib_source_ids(tokenizer, length)])
 
 
 def _synchronize(device: torch.device) -> None:
@@ -128,9 +87,16 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _clock(device: torch.device) -> float:
+def _clock(device: torch.device) -> tuple[float, float]:
+    """(wall, process CPU) seconds now, once the device has finished its queued work."""
     _synchronize(device)
-    return time.perf_counter()
+    return time.perf_counter(), time.process_time()
+
+
+def _since(device: torch.device, start: tuple[float, float]) -> tuple[float, float]:
+    """(wall, process CPU) seconds since `start` (a `_clock` reading)."""
+    wall, cpu = _clock(device)
+    return wall - start[0], cpu - start[1]
 
 
 def method_name(policy) -> tuple[str, int | None]:
@@ -141,46 +107,55 @@ def method_name(policy) -> tuple[str, int | None]:
 
 # -- one measurement -----------------------------------------------------------------------------------
 def decode_speed(model, input_ids: torch.Tensor, policy, *, decode_tokens: int = 32,
-                 prefill_chunk_size: int | None = None, cache=None) -> dict:
+                 prefill_chunk_size: int | None = None, cache=None, record_window: int | None = None) -> dict:
     """Prefill `input_ids` (batch, n) under `policy`, then time `decode_tokens` greedy decoding steps.
 
-    cache: a cache already holding the first tokens of every row (e.g. `copy_cache` of a shared prefix);
+    policy: a snapkv policy (run under `snapkv.compress`), or a kvpress press (run as `policy(model)`).
+    cache: a cache already holding the first tokens of every row (e.g. `copy_cache` of `shared_prefix`);
         only the rest is prefilled here, under the policy (keep at least the observation window for it).
         None starts from an empty DynamicCache.
-    Returns one row (see the module docstring); timings synchronise the device (CUDA) around every step.
+    record_window: also run under `snapkv.record(model, window_size=record_window)`, for what recording costs.
+    Returns one row (see the module docstring); timings synchronise the device (CUDA) around every step, and
+    the *_cpu_* columns are the process's CPU time over the same spans.
     """
-    from transformers import DynamicCache
-
     import snapkv
 
     if isinstance(decode_tokens, bool) or not isinstance(decode_tokens, int) or decode_tokens < 1:
         raise ValueError(f"decode_tokens must be a positive int, got {decode_tokens!r}")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
+    if not isinstance(policy, snapkv.Policy) and not callable(policy):
+        raise TypeError(f"policy must be a snapkv policy (SnapKV(), FullCache(), ...) or a kvpress press, "
+                        f"got {type(policy).__name__}")
     device = next(model.parameters()).device
     input_ids = input_ids.to(device)
-    cache = DynamicCache(config=model.config) if cache is None else cache
+    cache = new_cache(model) if cache is None else cache
     start = cache.get_seq_length()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    steps = []
-    with torch.inference_mode(), snapkv.compress(model, policy, prefill_chunk_size=prefill_chunk_size):
+    tokens, steps, cpu_steps = [], [], []
+    with (torch.inference_mode(),
+          _applied(model, policy, prefill_chunk_size, record_window, decode_tokens + 2) as session):
         began = _clock(device)
         logits = prefill(model, input_ids, cache, start=start, chunk_size=prefill_chunk_size)
-        prefill_s = _clock(device) - began
-        token = logits[:, -1:].argmax(-1)
+        prefill_s, prefill_cpu_s = _since(device, began)
+        tokens.append(logits[:, -1:].argmax(-1))
         began = _clock(device)
-        logits = forward(model, token, cache).logits
-        first_step_s = _clock(device) - began
+        logits = forward(model, tokens[-1], cache).logits
+        first_step_s, first_step_cpu_s = _since(device, began)
         for _ in range(decode_tokens):
-            token = logits[:, -1:].argmax(-1)
+            tokens.append(logits[:, -1:].argmax(-1))
             began = _clock(device)
-            logits = forward(model, token, cache).logits
-            steps.append(1000 * (_clock(device) - began))
+            logits = forward(model, tokens[-1], cache).logits
+            wall, cpu = _since(device, began)
+            steps.append(1000 * wall)
+            cpu_steps.append(1000 * cpu)
     method, budget = method_name(policy)
     batch, n = input_ids.shape
     kv_bytes = kv_cache_bytes(cache)
     slots = kv_slots(cache)
+    mean_slots = sum(kv_slots(cache, layer) for layer in range(len(cache.layers))) / max(len(cache.layers), 1)
+    compressed = sorted(session.kept_positions) if session is not None else None
     weights = model_bytes(model)
     parameter = next(model.parameters())
     ordered = sorted(steps)
@@ -196,14 +171,22 @@ def decode_speed(model, input_ids: torch.Tensor, policy, *, decode_tokens: int =
         "decode_ms_p10": ordered[int(0.1 * len(ordered))],
         "decode_ms_p90": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
         "decode_tokens": len(steps),
+        "prefill_cpu_s": prefill_cpu_s,
+        "first_step_cpu_s": first_step_cpu_s,
+        "decode_cpu_ms_per_token": statistics.median(cpu_steps),
         "kv_cache_mib": kv_bytes / MIB,
         "kv_slots_layer0": slots,
-        "kv_bytes_per_slot": kv_bytes / (batch * slots) if slots else None,
+        **kv_slots_by_kind(cache),
+        "kv_bytes_per_slot": kv_bytes / (batch * mean_slots) if mean_slots else None,
+        "compressed_layers": None if compressed is None else len(compressed),
+        "compressed_layer_ids": None if compressed is None else ",".join(map(str, compressed)),
         "weights_mib": weights / MIB,
         "memory_mib": (weights + kv_bytes) / MIB,
         "peak_memory_mib": torch.cuda.max_memory_allocated(device) / MIB if device.type == "cuda" else None,
         "peak_rss_mib": None,
         "chunked": prefill_chunk_size is not None,
+        "record_window": record_window,
+        "generated_head": torch.cat(tokens[:8], dim=-1)[0].tolist(),
         "device": str(device),
         "dtype": str(parameter.dtype).removeprefix("torch."),
         "status": "ok",
@@ -211,106 +194,43 @@ def decode_speed(model, input_ids: torch.Tensor, policy, *, decode_tokens: int =
     }
 
 
-# -- a grid of measurements ----------------------------------------------------------------------------
-def speed_memory_table(model, tokenizer, *, prompt_lengths=(1024, 2048, 4096), budgets=(256, 512, 1024),
-                       batch_sizes=(1, 2, 4), decode_tokens: int = 32, window_size: int = 32, kernel_size: int = 7,
-                       pooling: str = "maxpool", gqa: str = "mean", tail: int | None = None,
-                       progress: bool = True) -> pd.DataFrame:
-    """Full cache vs SnapKV at every budget below the prompt length, for every prompt length and batch size.
-
-    Each length's prompt (standard library source) minus its last `tail` tokens (default: window_size) is
-    prefilled once at batch 1 without compression, then copied (rows repeated) for every configuration,
-    which prefills its own last `tail` tokens under its method before decoding. One row per configuration
-    (`decode_speed`), plus `prefix_prefill_s` (the shared part's time, batch 1).
-    """
+@contextlib.contextmanager
+def _applied(model, policy, prefill_chunk_size: int | None, record_window: int | None, new_tokens: int):
+    """The block runs under `policy` (snapkv.compress, or a kvpress press's own context) and, with a
+    record_window, under snapkv.record for `new_tokens` generated tokens; yields the compression session
+    (None for a press)."""
     import snapkv
 
-    tail = window_size if tail is None else tail
-    if tail < window_size:
-        raise ValueError(f"tail ({tail}) must be at least window_size ({window_size}): SnapKV votes with the "
-                         "queries of the last window_size tokens, which it must see being prefilled")
-    bad = [n for n in prompt_lengths if n <= tail]
-    if bad:
-        raise ValueError(f"prompt_lengths {bad} must exceed tail ({tail})")
-    policies = [snapkv.FullCache()] + [
-        snapkv.SnapKV(window_size=window_size, max_capacity_prompt=b, kernel_size=kernel_size, pooling=pooling,
-                      gqa=gqa) for b in sorted(budgets)]
-    plan = [(n, b, p) for n in sorted(prompt_lengths) for b in sorted(batch_sizes)
-            for p in policies if method_name(p)[1] is None or method_name(p)[1] < n]
+    if isinstance(policy, snapkv.Policy):
+        method = snapkv.compress(model, policy, prefill_chunk_size=prefill_chunk_size)
+    else:
+        method = policy(model)
+    recording = (snapkv.record(model, window_size=record_window, max_new_tokens=new_tokens)
+                 if record_window is not None else contextlib.nullcontext())
+    with method as session, recording:
+        yield session if isinstance(policy, snapkv.Policy) else None
+
+
+def shared_prefix(model, ids: torch.Tensor, length: int, *, prefill_chunk_size: int | None = None):
+    """A full cache of ids[:, :length] (prefilled in chunks of `prefill_chunk_size` when given), for every
+    configuration of one prompt to continue its own copy of (`copy_cache`), and what it cost:
+    (cache, {"shared_prefix_len", "prefix_prefill_s", "prefix_prefill_cpu_s"})."""
     device = next(model.parameters()).device
-    rows = []
+    cache = new_cache(model)
     with torch.inference_mode():
-        _warm_up(model, tokenizer, device)
-        bar = tqdm(total=len(plan), desc="speed/memory", unit="config", disable=not progress)
-        for n in sorted(prompt_lengths):
-            ids = prompt_ids(tokenizer, n).to(device)
-            prefix = _new_cache(model)
-            began = _clock(device)
-            prefill(model, ids[:, : n - tail], prefix)
-            prefix_s = _clock(device) - began
-            for batch, policy in [(b, p) for m, b, p in plan if m == n]:
-                bar.set_postfix_str(f"n={n} batch={batch} {policy.__class__.__name__} {method_name(policy)[1] or ''}")
-                row = decode_speed(model, ids.expand(batch, -1), policy, decode_tokens=decode_tokens,
-                                   cache=copy_cache(model, prefix, batch))
-                rows.append(row | {"prefix_prefill_s": prefix_s, "shared_prefix_len": n - tail})
-                bar.update()
-            del prefix
-        bar.close()
-    return pd.DataFrame(rows)
+        began = _clock(device)
+        prefill(model, ids[:, :length].to(device), cache, chunk_size=prefill_chunk_size)
+        wall, cpu = _since(device, began)
+    return cache, {"shared_prefix_len": length, "prefix_prefill_s": wall, "prefix_prefill_cpu_s": cpu}
 
 
-def _new_cache(model):
-    from transformers import DynamicCache
+def warm_up(model, ids: torch.Tensor) -> None:
+    """One short prefill of `ids` (batch, n) and one step under snapkv.compress(FullCache), outside any
+    timing (thread pools, allocator, lazy initialisation)."""
+    import snapkv
 
-    return DynamicCache(config=model.config)
-
-
-def _warm_up(model, tokenizer, device) -> None:
-    """One short prefill and step outside any timing (thread pools, allocator, lazy initialisation)."""
-    ids = prompt_ids(tokenizer, 64).to(device)
-    cache = _new_cache(model)
-    logits = prefill(model, ids, cache)
-    forward(model, logits.argmax(-1), cache)
-
-
-# -- memory beyond what was measured -------------------------------------------------------------------
-def configuration_label(method: str, budget) -> str:
-    return method if budget is None or (isinstance(budget, float) and math.isnan(budget)) else f"{method} {int(budget)}"
-
-
-def memory_extrapolation(table: pd.DataFrame, prompt_lengths) -> pd.DataFrame:
-    """Weights + KV cache predicted at `prompt_lengths` for every (method, budget, batch_size) measured.
-
-    From each configuration's measured bytes per cache slot (kv_cache_mib / (batch x slots)): a cache holds
-    min(n, budget) prompt slots (n for the full cache) plus the decoded tokens it held when measured.
-    Returns one row per configuration and length: kv_cache_gib, memory_gib (weights included).
-    """
-    measured = table[table["status"] == "ok"]
-    rows = []
-    for (method, budget, batch), group in measured.groupby(["method", "budget", "batch_size"], dropna=False):
-        per_slot = float((group["kv_cache_mib"] * MIB / (group["batch_size"] * group["kv_slots_layer0"])).mean())
-        kept = group["prompt_len"] if pd.isna(budget) else np.minimum(group["prompt_len"], budget)
-        decoded = float((group["kv_slots_layer0"] - kept).mean())
-        weights = float(group["weights_mib"].mean()) * MIB
-        for n in prompt_lengths:
-            slots = (n if pd.isna(budget) else min(n, budget)) + decoded
-            kv = batch * per_slot * slots
-            rows.append({"method": method, "budget": None if pd.isna(budget) else int(budget), "batch_size": batch,
-                         "prompt_len": n, "config": configuration_label(method, budget),
-                         "kv_bytes_per_slot": per_slot, "kv_cache_gib": kv / GIB, "memory_gib": (weights + kv) / GIB})
-    return pd.DataFrame(rows)
-
-
-def longest_prompt_within(table: pd.DataFrame, memory_limit_gib: float, method: str = "FullCache") -> pd.DataFrame:
-    """Per batch size, the longest prompt whose weights + KV cache stay within `memory_limit_gib` for
-    `method` (from measured bytes per slot, as `memory_extrapolation`); None if even an empty cache does not fit."""
-    rows = []
-    measured = table[(table["status"] == "ok") & (table["method"] == method)]
-    for batch, group in measured.groupby("batch_size"):
-        per_slot = float((group["kv_cache_mib"] * MIB / (group["batch_size"] * group["kv_slots_layer0"])).mean())
-        decoded = float((group["kv_slots_layer0"] - group["prompt_len"]).mean())
-        free = memory_limit_gib * GIB - float(group["weights_mib"].mean()) * MIB
-        longest = math.floor(free / (batch * per_slot) - decoded) if free > 0 else None
-        rows.append({"method": method, "batch_size": batch, "memory_limit_gib": memory_limit_gib,
-                     "longest_prompt": longest if longest is None or longest > 0 else None})
-    return pd.DataFrame(rows)
+    device = next(model.parameters()).device
+    cache = new_cache(model)
+    with torch.inference_mode(), snapkv.compress(model, snapkv.FullCache()):
+        logits = prefill(model, ids.to(device), cache)
+        forward(model, logits.argmax(-1), cache)

@@ -4,7 +4,7 @@ import math
 
 import pandas as pd
 
-from snapkv.analysis.speed.measure import configuration_label, longest_prompt_within
+from snapkv.analysis.speed.tables import configuration_label, longest_prompt_within
 
 
 def speed_memory_figure(table: pd.DataFrame, extrapolated: pd.DataFrame, *, memory_limit_gib: float | None,

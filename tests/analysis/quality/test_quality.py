@@ -33,8 +33,21 @@ class AsciiTokenizer:
     def decode(self, ids, skip_special_tokens=False):
         return "".join(chr(i) for i in ids if i != EOS)
 
+    chat_template = "<u>{{ messages[0]['content'] }}</u>\n<a>"
+
     def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
         return "<u>" + messages[0]["content"] + "</u>\n<a>"
+
+
+class PlainAsciiTokenizer(AsciiTokenizer):
+    """A base model's tokenizer: no chat template, id 1 = <bos> put before any text."""
+
+    chat_template = None
+    bos_token_id = 1
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = super().__call__(text).input_ids
+        return SimpleNamespace(input_ids=[self.bos_token_id] * add_special_tokens + ids)
 
 
 TOKENIZER = AsciiTokenizer()
@@ -42,6 +55,22 @@ HAYSTACK = text.stdlib_haystack_text(["textwrap", "csv", "json"])
 
 
 # -- generators -----------------------------------------------------------------------------------------------
+
+
+def test_a_tokenizer_without_chat_template_gets_plain_question_answer_prompts():
+    plain = PlainAsciiTokenizer()
+    assert text.chat_parts(plain) == ([1], "\nAnswer:")
+    needle = quality.needle_prompts(plain, lengths=[300], depths=[0.5], haystack_text=HAYSTACK)[0]
+    assert needle.prompt_tokens == 300 and needle.context_ids[0] == 1 and 1 not in needle.ids[1:]
+    assert plain.decode(needle.tail_ids) == f"\n\nQuestion: {needle.question}\nAnswer: The special magic number " \
+        f"for {needle.needle.split()[5]} mentioned in the provided text is"
+    assert (quality.needle_tokens(plain, needle).position >= 1).all()
+    for prompt in quality.task_prompts(plain, lengths=[400], samples=1, haystack_text=HAYSTACK):
+        tail = plain.decode(prompt.tail_ids)
+        assert prompt.context_ids[0] == 1 and tail.startswith("\n\nQuestion: ") and "\nAnswer:" in tail
+        assert prompt.prompt_tokens == 400 or prompt.task == "code_completion"
+    chat = quality.needle_prompts(TOKENIZER, lengths=[300], depths=[0.5], haystack_text=HAYSTACK)[0]
+    assert TOKENIZER.decode(chat.tail_ids).startswith(f"\n\n{chat.question}</u>\n<a>The special")
 
 
 def test_needle_starts_exactly_at_its_depth():
@@ -138,7 +167,7 @@ def test_method_grid_and_input_errors():
         quality.method_grid(["snapkv", "pyramid"], [128])
     with pytest.raises(ValueError, match="must exceed the observation window"):
         quality.method_grid(["snapkv"], [16])
-    with pytest.raises(ValueError, match="samples must be a positive int"):
+    with pytest.raises(ValueError, match="samples must be >= 1"):
         quality.needle_prompts(TOKENIZER, lengths=[300], samples=0, haystack_text=HAYSTACK)
     with pytest.raises(ValueError, match="exceed the model's context"):
         quality.check_lengths_fit([1000], tiny_model(), 40)
@@ -192,14 +221,19 @@ def test_shared_prefill_equals_one_run_per_method(family):
         assert torch.allclose(agnostic.logits, logits, atol=1e-5, rtol=0), method
 
 
-def test_chunked_shared_prefill_matches_single_forward():
+@pytest.mark.parametrize("context_length, length, chunk", [
+    (90, 100, 32),
+    (33, 50, 16),  # context and tail (17 tokens) both end on a 1-token chunk: no longer taken for a decoding step
+])
+def test_chunked_shared_prefill_matches_single_forward(context_length, length, chunk):
     model = tiny_model("llama")
-    ids = torch.randint(3, 120, (1, 100), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(3, 120, (1, length), generator=torch.Generator().manual_seed(2))
     grid = [m for m in POLICY_GRID if m.name in ("full", "snapkv", "h2o")]
-    whole = quality.answers_with_shared_prefill(model, ids[0, :90], ids[0, 90:], grid, modes=quality.MODES,
+    context, tail = ids[0, :context_length], ids[0, context_length:]
+    whole = quality.answers_with_shared_prefill(model, context, tail, grid, modes=quality.MODES,
                                                 max_new_tokens=4, keep_logits=True, prefill_chunk_size=None)
-    chunked = quality.answers_with_shared_prefill(model, ids[0, :90], ids[0, 90:], grid, modes=quality.MODES,
-                                                  max_new_tokens=4, keep_logits=True, prefill_chunk_size=32)
+    chunked = quality.answers_with_shared_prefill(model, context, tail, grid, modes=quality.MODES,
+                                                  max_new_tokens=4, keep_logits=True, prefill_chunk_size=chunk)
     for key, answer in whole.items():
         assert answer.tokens == chunked[key].tokens, key
         assert torch.allclose(answer.logits, chunked[key].logits, atol=1e-4, rtol=0), key
@@ -338,7 +372,9 @@ def test_needle_tokens_mark_the_value_and_retention_counts_kept_heads():
     kept = {0: torch.tensor([[[0, value[0]], [value[0], 5]]]), 1: torch.tensor([[value, list(range(len(value)))]])}
     shares = quality.needle_retention(tokens, kept).set_index("position").kept_share
     assert shares[value[0]] == 0.75 and shares[value[1]] == 0.25 and shares[tokens.position.iloc[0]] == 0.0
+    assert (quality.needle_retention(tokens, kept).compressed_layers == 2).all()  # the share is over 2 layers
     assert (quality.needle_retention(tokens, {}).kept_share == 1.0).all()  # the full cache evicts nothing
+    assert (quality.needle_retention(tokens, {}).compressed_layers == 0).all()
     task = quality.task_prompts(TOKENIZER, tasks=["single_key"], lengths=[300], samples=1, haystack_text=HAYSTACK)[0]
     with pytest.raises(ValueError, match="has no needle"):
         quality.needle_tokens(TOKENIZER, task)
@@ -369,8 +405,8 @@ def test_needle_retention_experiment_matches_the_evaluated_answers(tiny_table):
 @pytest.mark.parametrize("argv, message", [
     (["needle", "--methods", "snapkv,pyramid"], "unknown method"),
     (["needle", "--budgets", "8"], "must exceed the observation window"),
-    (["tasks", "--samples", "0"], "samples must be a positive int"),
-    (["needle", "--lengths", "0"], "lengths must be positive"),
+    (["tasks", "--samples", "0"], "samples must be >= 1"),
+    (["needle", "--lengths", "0"], "lengths must be >= 1"),
     (["tasks", "--tasks", "summaries"], "unknown task"),
     (["needle", "--modes", "sideways"], "unknown mode"),
     (["needle", "--device", "tpu"], "not a torch device"),
@@ -437,4 +473,5 @@ def test_cli_quick_run_writes_its_outputs(tmp_path, capsys):
     for kind in ("png", "html", "csv", "json"):
         assert (tmp_path / f"needle.{kind}").stat().st_size > 0
     table = pd.read_csv(tmp_path / "needle.csv")
-    assert set(table.method) == {"full", "snapkv"} and "mean score" in capsys.readouterr().out
+    assert set(table.method) == {"full", "snapkv", "snapkv-avgpool", "snapkv-nopool"}  # quick mode = notebook 06's
+    assert "mean score" in capsys.readouterr().out

@@ -1,5 +1,6 @@
 """`snapkv.analysis.speed` on a tiny model, and `benchmarks/gpu_scale.py --device cpu --tiny` (no real model)."""
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -18,6 +19,7 @@ from tiny_models import tiny_model  # noqa: E402
 
 import snapkv  # noqa: E402
 from snapkv.analysis import speed  # noqa: E402
+from snapkv.core import compat  # noqa: E402
 
 GPU_SCALE = Path(__file__).resolve().parents[3] / "benchmarks" / "gpu_scale.py"
 
@@ -33,16 +35,15 @@ def one_thread():
 class CharTokenizer:
     """Enough of a tokenizer for `speed.prompt_ids`: one token per character."""
 
-    def __call__(self, text, return_tensors=None, add_special_tokens=False):
-        ids = torch.tensor([[ord(c) % 120 + 1 for c in text]])
-        return type("Encoding", (), {"input_ids": ids})()
+    def __call__(self, text, add_special_tokens=False):
+        return type("Encoding", (), {"input_ids": [ord(c) % 120 + 1 for c in text]})()
 
 
 def test_chunk_bounds_never_end_on_a_single_token():
-    assert speed.chunk_bounds(0, 10, 3) == [(0, 3), (3, 6), (6, 8), (8, 10)]
-    assert speed.chunk_bounds(0, 10, None) == [(0, 10)]
-    assert speed.chunk_bounds(4, 12, 4) == [(4, 8), (8, 12)]
-    assert speed.chunk_bounds(5, 5, 4) == []
+    assert compat.chunk_bounds(0, 10, 3) == [(0, 3), (3, 6), (6, 8), (8, 10)]
+    assert compat.chunk_bounds(0, 10, None) == [(0, 10)]
+    assert compat.chunk_bounds(4, 12, 4) == [(4, 8), (8, 12)]
+    assert compat.chunk_bounds(5, 5, 4) == []
 
 
 @pytest.mark.parametrize("chunk", [None, 16])
@@ -66,17 +67,75 @@ def test_decode_speed_measures_the_cache_it_decoded_with(chunk):
     assert snap["kv_cache_mib"] * 2**20 == 2 * per_slot * 28
 
 
+def test_decode_speed_counts_sliding_and_compressed_layers_apart():
+    model = tiny_model("gemma3")  # layers: sliding (window 16), full, sliding
+    config = model.config
+    ids = torch.randint(1, 128, (1, 70), generator=torch.Generator().manual_seed(0))
+    policy = snapkv.SnapKV(window_size=8, max_capacity_prompt=24, kernel_size=3)
+    snap = speed.decode_speed(model, ids, policy, decode_tokens=3)
+    full = speed.decode_speed(model, ids, snapkv.FullCache(), decode_tokens=3)
+    assert snap["kv_slots_global"] == 24 + 4 and full["kv_slots_global"] == 70 + 4
+    assert snap["kv_slots_sliding"] == full["kv_slots_sliding"] == snap["kv_slots_layer0"] == 16 - 1
+    assert snap["sliding_layers"] == 2 and (snap["compressed_layers"], snap["compressed_layer_ids"]) == (1, "1")
+    assert (full["compressed_layers"], full["compressed_layer_ids"]) == (0, "")
+    per_slot_layer = 2 * config.num_key_value_heads * config.head_dim * 4
+    assert snap["kv_cache_mib"] * 2**20 == per_slot_layer * (2 * 15 + 28)
+    assert snap["kv_bytes_per_slot"] == per_slot_layer * 3  # one position in every layer
+    llama = speed.decode_speed(tiny_model("llama"), ids, policy, decode_tokens=3)
+    assert llama["kv_slots_sliding"] is None and llama["kv_slots_global"] == llama["kv_slots_layer0"] == 28
+    assert (llama["sliding_layers"], llama["compressed_layer_ids"]) == (0, "0,1,2")
+
+
 def test_a_shared_prefix_gives_the_same_cache_as_a_whole_prefill():
     model = tiny_model("llama")
     ids = torch.randint(1, 128, (1, 60), generator=torch.Generator().manual_seed(0))
-    prefix = speed.measure._new_cache(model)
+    prefix = compat.new_cache(model)
     with torch.inference_mode():
-        speed.prefill(model, ids[:, :40], prefix)
-    copied = speed.copy_cache(model, prefix, batch_size=3)
+        compat.prefill(model, ids[:, :40], prefix)
+    copied = compat.copy_cache(prefix, batch_size=3)
     assert copied.layers[0].keys.shape[0] == 3 and copied.get_seq_length() == 40
     policy = snapkv.SnapKV(window_size=8, max_capacity_prompt=24, kernel_size=3)
     row = speed.decode_speed(model, ids.expand(3, -1), policy, decode_tokens=2, cache=copied)
     assert row["prefilled_tokens"] == 20 and row["batch_size"] == 3 and row["kv_slots_layer0"] == 24 + 3
+
+
+def test_decode_speed_records_cpu_time_tokens_and_recording():
+    model = tiny_model("llama")
+    ids = torch.randint(1, 128, (1, 70), generator=torch.Generator().manual_seed(0))
+    plain = speed.decode_speed(model, ids, snapkv.FullCache(), decode_tokens=3)
+    assert min(plain["prefill_cpu_s"], plain["first_step_cpu_s"], plain["decode_cpu_ms_per_token"]) > 0
+    assert len(plain["generated_head"]) == 4 and plain["record_window"] is None  # prefill's token + 3 steps
+    recorded = speed.decode_speed(model, ids, snapkv.FullCache(), decode_tokens=3, record_window=8)
+    assert recorded["generated_head"] == plain["generated_head"] and recorded["record_window"] == 8
+    assert recorded["kv_cache_mib"] == plain["kv_cache_mib"]
+
+
+def test_decode_speed_runs_a_press_as_its_own_context():
+    entered = []
+
+    class Press:  # what kvpress's presses offer: press(model) is a context manager
+        @contextlib.contextmanager
+        def __call__(self, model):
+            entered.append(model)
+            yield
+
+    model = tiny_model("llama")
+    ids = torch.randint(1, 128, (1, 40), generator=torch.Generator().manual_seed(0))
+    row = speed.decode_speed(model, ids, Press(), decode_tokens=2)
+    assert entered == [model] and row["method"] == "Press" and row["kv_slots_layer0"] == 40 + 3
+    assert row["compressed_layers"] is None  # unknown for a press
+    with pytest.raises(TypeError, match="snapkv policy"):
+        speed.decode_speed(model, ids, "SnapKV", decode_tokens=2)
+
+
+def test_shared_prefix_is_the_prompt_start_in_a_full_cache():
+    model = tiny_model("llama")
+    ids = torch.randint(1, 128, (1, 60), generator=torch.Generator().manual_seed(0))
+    prefix, cost = speed.measure.shared_prefix(model, ids, 44, prefill_chunk_size=16)
+    assert prefix.get_seq_length() == 44 and cost["shared_prefix_len"] == 44
+    assert cost["prefix_prefill_s"] > 0 and cost["prefix_prefill_cpu_s"] > 0
+    whole, _ = speed.measure.shared_prefix(model, ids, 44)
+    torch.testing.assert_close(prefix.layers[1].keys, whole.layers[1].keys)
 
 
 def test_table_extrapolation_and_figure():
@@ -88,6 +147,7 @@ def test_table_extrapolation_and_figure():
     assert configs == {(m, b, batch, n) for batch in (1, 2) for n in (48, 96)
                        for m, b in [("FullCache", 0), ("SnapKV", 24), ("SnapKV", 64)] if b < n}
     assert set(speed.ROW_FIELDS) <= set(table.columns) and (table.status == "ok").all()
+    assert (table.shared_prefix_len == table.prompt_len - 8).all() and (table.prefix_prefill_s > 0).all()
 
     lengths = [48, 96, 192, 100_000]
     extrapolated = speed.memory_extrapolation(table, lengths)

@@ -1,0 +1,113 @@
+"""Speed and memory over a grid: `speed_memory_table` runs `decode_speed` over prompt lengths x batch sizes x
+methods. Speed and memory do not depend on the text, so every row of a batch is the same prompt, and the prompt's
+first `n - tail` tokens are prefilled once per length (full cache, batch 1) and copied for every configuration,
+which then prefills its own last `tail` tokens (at least the observation window) under its method.
+`memory_extrapolation` carries the measured bytes per cache slot to longer prompts, for the "where does the full
+cache stop fitting" question. Rows follow `benchmarks/speed_memory.py`'s schema, plus `batch_size` and `status`.
+"""
+
+import math
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from snapkv.analysis.speed.measure import (
+    GIB,
+    MIB,
+    WARM_UP_TOKENS,
+    decode_speed,
+    method_name,
+    prompt_ids,
+    shared_prefix,
+    warm_up,
+)
+from snapkv.core.compat import copy_cache
+
+
+def speed_memory_table(model, tokenizer, *, prompt_lengths=(1024, 2048, 4096), budgets=(256, 512, 1024),
+                       batch_sizes=(1, 2, 4), decode_tokens: int = 32, window_size: int = 32, kernel_size: int = 7,
+                       pooling: str = "maxpool", gqa: str = "mean", tail: int | None = None,
+                       progress: bool = True) -> pd.DataFrame:
+    """Full cache vs SnapKV at every budget below the prompt length, for every prompt length and batch size.
+
+    Each length's prompt (standard library source) minus its last `tail` tokens (default: window_size) is
+    prefilled once at batch 1 without compression, then copied (rows repeated) for every configuration,
+    which prefills its own last `tail` tokens under its method before decoding. One row per configuration
+    (`decode_speed`), plus `shared_prefix` cost columns (the shared part's length and time, batch 1).
+    """
+    import snapkv
+
+    tail = window_size if tail is None else tail
+    if tail < window_size:
+        raise ValueError(f"tail ({tail}) must be at least window_size ({window_size}): SnapKV votes with the "
+                         "queries of the last window_size tokens, which it must see being prefilled")
+    bad = [n for n in prompt_lengths if n <= tail]
+    if bad:
+        raise ValueError(f"prompt_lengths {bad} must exceed tail ({tail})")
+    policies = [snapkv.FullCache()] + [
+        snapkv.SnapKV(window_size=window_size, max_capacity_prompt=b, kernel_size=kernel_size, pooling=pooling,
+                      gqa=gqa) for b in sorted(budgets)]
+    plan = [(n, b, p) for n in sorted(prompt_lengths) for b in sorted(batch_sizes)
+            for p in policies if method_name(p)[1] is None or method_name(p)[1] < n]
+    device = next(model.parameters()).device
+    rows = []
+    with torch.inference_mode():
+        warm_up(model, prompt_ids(tokenizer, WARM_UP_TOKENS))
+        bar = tqdm(total=len(plan), desc="speed/memory", unit="config", disable=not progress)
+        for n in sorted(prompt_lengths):
+            ids = prompt_ids(tokenizer, n).to(device)
+            prefix, prefix_cost = shared_prefix(model, ids, n - tail)
+            for batch, policy in [(b, p) for m, b, p in plan if m == n]:
+                bar.set_postfix_str(f"n={n} batch={batch} {policy.__class__.__name__} {method_name(policy)[1] or ''}")
+                row = decode_speed(model, ids.expand(batch, -1), policy, decode_tokens=decode_tokens,
+                                   cache=copy_cache(prefix, batch))
+                rows.append(row | prefix_cost)
+                bar.update()
+            del prefix
+        bar.close()
+    return pd.DataFrame(rows)
+
+
+# -- memory beyond what was measured -------------------------------------------------------------------
+def configuration_label(method: str, budget) -> str:
+    return method if budget is None or (isinstance(budget, float) and math.isnan(budget)) else f"{method} {int(budget)}"
+
+
+def memory_extrapolation(table: pd.DataFrame, prompt_lengths) -> pd.DataFrame:
+    """Weights + KV cache predicted at `prompt_lengths` for every (method, budget, batch_size) measured.
+
+    From each configuration's measured bytes per cache slot (kv_cache_mib / (batch x slots)): a cache holds
+    min(n, budget) prompt slots (n for the full cache) plus the decoded tokens it held when measured.
+    Returns one row per configuration and length: kv_cache_gib, memory_gib (weights included).
+    """
+    measured = table[table["status"] == "ok"]
+    rows = []
+    for (method, budget, batch), group in measured.groupby(["method", "budget", "batch_size"], dropna=False):
+        per_slot = float((group["kv_cache_mib"] * MIB / (group["batch_size"] * group["kv_slots_layer0"])).mean())
+        kept = group["prompt_len"] if pd.isna(budget) else np.minimum(group["prompt_len"], budget)
+        decoded = float((group["kv_slots_layer0"] - kept).mean())
+        weights = float(group["weights_mib"].mean()) * MIB
+        for n in prompt_lengths:
+            slots = (n if pd.isna(budget) else min(n, budget)) + decoded
+            kv = batch * per_slot * slots
+            rows.append({"method": method, "budget": None if pd.isna(budget) else int(budget), "batch_size": batch,
+                         "prompt_len": n, "config": configuration_label(method, budget),
+                         "kv_bytes_per_slot": per_slot, "kv_cache_gib": kv / GIB, "memory_gib": (weights + kv) / GIB})
+    return pd.DataFrame(rows)
+
+
+def longest_prompt_within(table: pd.DataFrame, memory_limit_gib: float, method: str = "FullCache") -> pd.DataFrame:
+    """Per batch size, the longest prompt whose weights + KV cache stay within `memory_limit_gib` for
+    `method` (from measured bytes per slot, as `memory_extrapolation`); None if even an empty cache does not fit."""
+    rows = []
+    measured = table[(table["status"] == "ok") & (table["method"] == method)]
+    for batch, group in measured.groupby("batch_size"):
+        per_slot = float((group["kv_cache_mib"] * MIB / (group["batch_size"] * group["kv_slots_layer0"])).mean())
+        decoded = float((group["kv_slots_layer0"] - group["prompt_len"]).mean())
+        free = memory_limit_gib * GIB - float(group["weights_mib"].mean()) * MIB
+        longest = math.floor(free / (batch * per_slot) - decoded) if free > 0 else None
+        rows.append({"method": method, "batch_size": batch, "memory_limit_gib": memory_limit_gib,
+                     "longest_prompt": longest if longest is None or longest > 0 else None})
+    return pd.DataFrame(rows)
