@@ -1,5 +1,7 @@
 """Figures of the explorer: one head's votes, kept positions and generated rows (plotly and matplotlib)."""
 
+import textwrap
+
 import numpy as np
 import pandas as pd
 
@@ -7,6 +9,22 @@ from snapkv.analysis.explorer.tables import generation_rows_or_none, generation_
 from snapkv.core.trace import Trace
 
 MAX_HOVER_CELLS = 400_000  # heatmap cells that get a token in their hover text
+# the heatmap's colour scale stops at this quantile: the first positions (attention sinks) take most of the
+# attention and would otherwise set a linear scale on which everything else is one dark colour
+COLOR_QUANTILE = 0.995
+
+
+def color_cap(attention: np.ndarray) -> float:
+    """The top of the generation heatmap's colour scale: the `COLOR_QUANTILE` of its values (hover shows the
+    true value of a cell above it)."""
+    return max(float(np.quantile(attention, COLOR_QUANTILE)), 1e-6) if attention.size else 1.0
+
+
+def row_label(generated) -> str:
+    """What one row of the generation heatmap is, for both figures' axis: "generated token" or
+    "generated window of N tokens"."""
+    return f"generated {generated[1]}"
+
 
 def _title(trace: Trace, layer: int, head: int, budget: int, table: pd.DataFrame, steps: pd.DataFrame | None) -> str:
     share = "" if steps is None or not len(steps) else (
@@ -34,7 +52,8 @@ def explorer_figure(trace: Trace, layer: int, head: int, *, budget: int, window_
     tokens = table.token.to_numpy()
     figure = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.05, row_heights=[0.25, 0.5, 0.25],
                            subplot_titles=["observation window votes (score SnapKV ranks)",
-                                           f"generation attention per {generated[1] if generated else 'token'}",
+                                           f"generation attention per {generated[1] if generated else 'token'} "
+                                           f"(colour capped at the {COLOR_QUANTILE:.1%} quantile)",
                                            "generation attention, mean over rows"])
     hover = "position %{x}: %{customdata}<br>%{y:.4f}<extra></extra>"
     figure.add_trace(go.Scatter(x=table.position, y=table.score, name="score (pooled votes)", mode="lines",
@@ -51,20 +70,21 @@ def explorer_figure(trace: Trace, layer: int, head: int, *, budget: int, window_
         labels = (labels if trace.reducer != "window_sum" else [f"window {i}" for i in range(attention.shape[0])])
         labels = labels[: attention.shape[0]]
         heatmap = dict(z=attention, x=table.position, y=np.arange(attention.shape[0]), colorscale="Viridis",
-                       colorbar={"title": "attention", "len": 0.45, "y": 0.5}, name="generation")
+                       zmin=0, zmax=color_cap(attention), name="generation",
+                       colorbar={"title": "attention", "len": 0.45, "y": 0.5})
         if attention.size <= MAX_HOVER_CELLS:
             cells = np.empty(attention.shape, dtype=object)
             for i, label in enumerate(labels):
                 cells[i] = [f"{label!r} -> {token!r}" for token in tokens]
-            heatmap |= dict(customdata=cells, hovertemplate="row %{y} -> position %{x}<br>%{customdata}<br>"
-                                                            "%{z:.4f}<extra></extra>")
+            heatmap |= dict(customdata=cells, hovertemplate=f"{row_label(generated)} %{{y}} -> position %{{x}}<br>"
+                                                            "%{customdata}<br>%{z:.4f}<extra></extra>")
         figure.add_trace(go.Heatmap(**heatmap), row=2, col=1)
         figure.add_trace(go.Scatter(x=table.position, y=table.generation_mean, name="generation mean", mode="lines",
                                     customdata=tokens, hovertemplate=hover, line={"color": "#2ca02c"}), row=3, col=1)
         figure.add_trace(go.Scatter(x=kept.position, y=kept.generation_mean, name="kept", mode="markers",
                                     customdata=kept.token, hovertemplate="kept %{x}: %{customdata}<extra></extra>",
                                     marker={"color": "#d62728", "size": 5}, showlegend=False), row=3, col=1)
-        figure.update_yaxes(title_text="generated row", autorange="reversed", row=2, col=1)
+        figure.update_yaxes(title_text=row_label(generated), autorange="reversed", row=2, col=1)
     window_start = int(table.position[table.in_window].min())
     for panel in (1, 2, 3):
         figure.add_vrect(x0=window_start - 0.5, x1=len(table) - 0.5, fillcolor="grey", opacity=0.15, line_width=0,
@@ -72,7 +92,8 @@ def explorer_figure(trace: Trace, layer: int, head: int, *, budget: int, window_
     figure.update_yaxes(type="log", row=1, col=1)
     figure.update_yaxes(type="log", row=3, col=1)
     figure.update_xaxes(title_text="prompt position (grey: observation window)", row=3, col=1)
-    figure.update_layout(title=_title(trace, layer, head, budget, table, steps), height=760,
+    title = "<br>".join(textwrap.wrap(_title(trace, layer, head, budget, table, steps), 100))
+    figure.update_layout(title={"text": title, "font": {"size": 14}}, height=800, margin={"t": 120},
                          legend={"orientation": "h", "y": -0.12}, hovermode="closest")
     return figure
 
@@ -103,9 +124,10 @@ def static_figure(trace: Trace, layer: int, head: int, *, budget: int, window_si
         attention = generated[0][head].numpy()
         image = heat.imshow(attention, aspect="auto", interpolation="nearest", cmap="viridis",
                             extent=(-0.5, len(table) - 0.5, attention.shape[0] - 0.5, -0.5),
-                            vmax=max(float(np.quantile(attention, 0.995)), 1e-6))
-        figure.colorbar(image, ax=[votes, heat, mean], pad=0.01, shrink=0.5, label="attention")
-        heat.set(ylabel=f"generated {generated[1]}")
+                            vmin=0, vmax=color_cap(attention))
+        figure.colorbar(image, ax=[votes, heat, mean], pad=0.01, shrink=0.5,
+                        label=f"attention (capped at the {COLOR_QUANTILE:.1%} quantile)")
+        heat.set(ylabel=row_label(generated))
         heat.grid(False)
         mean.plot(table.position, table.generation_mean, color="#2ca02c", lw=1)
         mean.scatter(kept.position, kept.generation_mean, s=6, color="#d62728", zorder=3)
@@ -116,7 +138,7 @@ def static_figure(trace: Trace, layer: int, head: int, *, budget: int, window_si
     mean.set_yscale("log")
     for axis in (votes, heat, mean):
         axis.axvspan(window_start - 0.5, len(table) - 0.5, color="grey", alpha=0.15, lw=0)
-    figure.suptitle(_title(trace, layer, head, budget, table, steps), fontsize=10)
+    figure.suptitle("\n".join(textwrap.wrap(_title(trace, layer, head, budget, table, steps), 130)), fontsize=10)
     return figure
 
 

@@ -9,45 +9,85 @@ import plotly.express as px
 import plotly.graph_objects as go
 import seaborn as sns
 
-# reference sets (same size as the voted set) are drawn dashed in fixed colours next to the SnapKV curves
+# reference sets (same size as the voted set) are drawn in fixed colours next to the SnapKV curves, each with its own
+# dash and marker, and recency wider and underneath: recency and streaming often coincide, and both must stay visible
 REFERENCE_STYLE = {"random": "tab:red", "recency": "tab:orange", "streaming": "tab:brown"}
+REFERENCE_LINES = {"random": dict(linestyle="--", marker="x", linewidth=1.2, zorder=3),
+                   "recency": dict(linestyle=":", marker="s", linewidth=3.2, zorder=2),
+                   "streaming": dict(linestyle="-.", marker="^", linewidth=1.2, zorder=4)}
+PLOTLY_REFERENCE_LINES = {"random": dict(dash="dash", width=1.5, symbol="x"),
+                          "recency": dict(dash="dot", width=4, symbol="square"),
+                          "streaming": dict(dash="dashdot", width=1.5, symbol="triangle-up")}
+
+
+def _hex(color) -> str:
+    import matplotlib.colors
+
+    return matplotlib.colors.to_hex(color)
+
+
+def _wrapped(title: str, width: int, separator: str) -> str:
+    return separator.join(textwrap.wrap(title, width=width))
 
 
 def _lines(summary: pd.DataFrame, *, x: str, hue: str, facet: str | None, title: str, ylabel: str,
            xlabel: str, reference: float | None = None, ylim=None):
-    """Mean line with a shaded confidence band per `hue`, one panel per `facet` value."""
+    """Mean line with a shaded confidence band per `hue`, one panel per `facet` value.
+
+    summary: one row per (facet, hue, x) with columns mean, ci_low, ci_high. The plotly figure is built from
+    one frame sorted by (facet, hue, x), so every trace's x, y and error bars come from the same rows."""
     sns.set_theme(style="whitegrid")
     facets = sorted(summary[facet].unique()) if facet else [None]
+    names = sorted(summary[hue].unique(), key=str)
+    main = [n for n in names if n not in REFERENCE_STYLE]
+    colors = dict(zip(main, sns.color_palette("viridis", len(main)))) | REFERENCE_STYLE
     fig, axes = plt.subplots(1, len(facets), figsize=(6 * len(facets), 4.2), sharey=True, squeeze=False)
     for ax, value in zip(axes[0], facets):
         part = summary if value is None else summary[summary[facet] == value]
-        names = sorted(part[hue].unique(), key=str)
-        main = [n for n in names if n not in REFERENCE_STYLE]
-        colors = dict(zip(main, sns.color_palette("viridis", len(main)))) | REFERENCE_STYLE
         for name in names:
             group = part[part[hue] == name].sort_values(x)
-            dashed = name in REFERENCE_STYLE
-            ax.plot(group[x], group["mean"], color=colors[name], label=str(name), marker="o", markersize=3,
-                    linestyle="--" if dashed else "-", linewidth=1 if dashed else 1.5)
+            if group.empty:
+                continue
+            style = REFERENCE_LINES.get(name, dict(linestyle="-", marker="o", linewidth=1.5, zorder=5))
+            ax.plot(group[x], group["mean"], color=colors[name], label=str(name), markersize=3, **style)
             ax.fill_between(group[x], group["ci_low"], group["ci_high"], color=colors[name], alpha=0.15)
         if reference is not None:
             ax.axhline(reference, color="grey", linestyle="--", linewidth=1, label="chance")
         ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{facet} = {value}" if value is not None else "")
         if ylim:
             ax.set_ylim(*ylim)
-        ax.legend(title=hue, fontsize=8)
-    fig.suptitle("\n".join(textwrap.wrap(title, width=60 * len(facets))))
+    # one legend for all panels, outside them: inside a panel it covers the data
+    handles = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.suptitle(_wrapped(title, 60 * len(facets), "\n"))
     fig.tight_layout()
-    interactive = px.line(summary.sort_values(x), x=x, y="mean", color=summary[hue].astype(str),
-                          facet_col=facet, markers=True, title=title,
-                          error_y=summary["ci_high"] - summary["mean"],
-                          error_y_minus=summary["mean"] - summary["ci_low"],
-                          labels={"mean": ylabel, "color": hue, x: xlabel})
+    fig.legend(handles.values(), handles.keys(), title=hue, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 0.9))
+
+    data = summary.assign(**{hue: summary[hue].astype(str)})
+    data = data.assign(ci_plus=data["ci_high"] - data["mean"], ci_minus=data["mean"] - data["ci_low"])
+    data = data.sort_values([c for c in (facet, hue, x) if c])
+    interactive = px.line(data, x=x, y="mean", color=hue, facet_col=facet, markers=True,
+                          error_y="ci_plus", error_y_minus="ci_minus",
+                          category_orders={hue: [str(n) for n in names], **({facet: facets} if facet else {})},
+                          color_discrete_map={str(n): _hex(c) for n, c in colors.items()},
+                          title=_wrapped(title, 110, "<br>"), labels={"mean": ylabel, x: xlabel})
+    for trace in interactive.data:
+        style = PLOTLY_REFERENCE_LINES.get(trace.name)
+        if style:
+            trace.update(line={"dash": style["dash"], "width": style["width"]}, marker={"symbol": style["symbol"]})
+    if reference is not None:
+        interactive.add_hline(y=reference, line={"color": "grey", "dash": "dash", "width": 1},
+                              annotation_text="chance", annotation_position="bottom right")
+    if ylim:
+        interactive.update_yaxes(range=list(ylim))
+    interactive.update_layout(margin={"t": 110})
     return fig, interactive
 
 
 def hit_rate_along_generation_figure(summary: pd.DataFrame, caption: str, ylabel: str = "hit rate"):
-    """Paper Fig. 2: x = layer, y = hit rate, one line per generation window (`series`) and dashed
+    """Paper Fig. 2: x = layer, y = hit rate, one line per generation window (`series`) and broken-line
     reference sets, one panel per protocol."""
     return _lines(summary, x="layer", hue="series", facet="protocol", xlabel="layer", ylabel=ylabel,
                   title=f"{ylabel.capitalize()} along generation ({caption})", ylim=(0, 1.02))
@@ -61,7 +101,7 @@ def sensitivity_figure(summary: pd.DataFrame, caption: str):
 
 def windows_along_prompt_figure(summary: pd.DataFrame, caption: str):
     """v2 Fig. 2: x = window along the prompt (-1 = the observation window), y = hit rate, one panel per
-    layer group, SnapKV and dashed reference sets."""
+    layer group, SnapKV and broken-line reference sets."""
     return _lines(summary, x="prompt_window", hue="reference", facet="layers", xlabel="prompt window (-1 = last)",
                   ylabel="hit rate", title=f"Prompt windows as observation window ({caption})", ylim=(0, 1.02))
 
@@ -74,7 +114,7 @@ def question_overlap_figure(summary: pd.DataFrame, chance: float, caption: str):
 
 
 def question_position_figure(summary: pd.DataFrame, caption: str):
-    """v2 Fig. 5: x = layer, y = hit rate, one panel per question placement, SnapKV and dashed references."""
+    """v2 Fig. 5: x = layer, y = hit rate, one panel per question placement, SnapKV and broken-line references."""
     return _lines(summary, x="layer", hue="reference", facet="placement", xlabel="layer", ylabel="hit rate",
                   title=f"Question before vs after the document ({caption})", ylim=(0, 1.02))
 
@@ -101,6 +141,6 @@ def voting_variants_figure(summary: pd.DataFrame, caption: str):
 
 def observation_metrics_figure(summary: pd.DataFrame, caption: str):
     """Per layer, one panel per metric (hit rate, hit rate without sinks, attention-mass recall, sink
-    share): the voted set next to dashed reference sets of the same size."""
+    share): the voted set next to broken-line reference sets of the same size."""
     return _lines(summary, x="layer", hue="reference", facet="metric", xlabel="layer", ylabel="value",
                   title=f"What the hit rate measures ({caption})", ylim=(0, 1.02))

@@ -79,6 +79,8 @@ def needle_heatmap_figure(table: pd.DataFrame, caption: str, mode: str = "questi
                                          y=[f"{y:.0%}" for y in grid.index], coloraxis="coloraxis",
                                          hovertemplate="length %{x}<br>depth %{y}<br>score %{z:.2f}<extra></extra>"),
                               row=i // columns + 1, col=i % columns + 1)
+    interactive.update_xaxes(title_text="context length (tokens)", row=rows_n)
+    interactive.update_yaxes(title_text="needle depth", col=1)
     interactive.update_layout(title=f"Needle in a haystack, {mode} ({caption})",
                               coloraxis={"colorscale": "RdYlGn", "cmin": 0, "cmax": 1, "colorbar": {"title": "score"}},
                               height=280 * rows_n + 120)
@@ -143,6 +145,7 @@ def accuracy_vs_budget_figure(summary: pd.DataFrame, retention: pd.DataFrame, ca
     fig.suptitle(f"Accuracy against budget ({caption})", fontsize=11)
     fig.tight_layout()
     interactive.update_xaxes(type="log")
+    interactive.update_xaxes(title_text="budget (prompt tokens kept)", row=2)
     interactive.update_yaxes(title_text="score", row=1, col=1)
     interactive.update_yaxes(title_text="retention vs full", row=2, col=1)
     interactive.update_layout(title=f"Accuracy against budget ({caption})", height=650)
@@ -207,6 +210,7 @@ def needle_tokens_figure(table: pd.DataFrame, caption: str):
     fig.suptitle("\n".join(textwrap.wrap(f"Which needle tokens survive compression (value shaded; {caption})", 110)),
                  fontsize=10)
     fig.tight_layout()
+    interactive.update_yaxes(title_text="kept share", range=[0, 1.02])
     interactive.update_layout(title=f"Which needle tokens survive compression ({caption})", barmode="group",
                               height=300 * len(panels) + 120)
     return fig, interactive

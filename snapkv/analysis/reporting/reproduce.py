@@ -249,6 +249,8 @@ def write_index(out_dir) -> Path:
     body = [f"<h1>snapkv reproduction</h1><p>{len(parts)} parts, "
             + (f"<b class='failed'>{len(failed)} failed</b>" if failed else "<b class='ok'>none failed</b>")
             + f"; {len(figures)} figures with settings. Page written {html.escape(_now())}.</p>",
+            _findings_section(headline_findings(out_dir)),
+            _screenshots_section(out_dir),
             _environment_section(record, figures, out_dir),
             "<h2>Parts</h2><table><tr><th>part</th><th>kind</th><th>status</th><th>seconds</th><th>finished</th>"
             "<th>outputs</th><th>error</th></tr>" + "".join(parts) + "</table>"]
@@ -272,13 +274,136 @@ def write_index(out_dir) -> Path:
     return path
 
 
+# -- headline findings -----------------------------------------------------------------------------
+SCREENSHOTS = "screenshots"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One headline number of a run, computed from a figure's CSV: `text` says what it is, `figure` names the
+    figure (figures/NAME.*) it comes from; `value` is None when the run has no data for it (`text` says why)."""
+
+    key: str
+    text: str
+    value: float | None
+    figure: str
+
+
+def headline_findings(out_dir) -> list[Finding]:
+    """The run's headline numbers from `<out>/figures/*.csv`: SnapKV's hit rate with and without the attention
+    sinks (01), needle retention per method relative to the full cache (06), decode speed-up and memory at the
+    longest prompt (08). A finding whose CSV is missing or unreadable says so instead of a number."""
+    figures = Path(out_dir) / FIGURES
+    findings = []
+    for compute in (_hit_rate_findings, _needle_findings, _speed_findings):
+        try:
+            findings += compute(figures)
+        except Exception as error:  # noqa: BLE001 (one unreadable CSV must not cost the page)
+            name = compute.__name__.removeprefix("_").removesuffix("_findings")
+            findings.append(Finding(name, f"{name}: could not be computed ({type(error).__name__}: {error})",
+                                    None, ""))
+    return findings
+
+
+def _read_csv(figures: Path, name: str) -> pd.DataFrame | None:
+    path = figures / f"{name}.csv"
+    return pd.read_csv(path) if path.is_file() else None
+
+
+def _hit_rate_findings(figures: Path) -> list[Finding]:
+    name = "01_hit_rate_along_generation"
+    table = _read_csv(figures, name)
+    if table is None:
+        return [Finding("hit_rate", "Hit rate: notebook 01 has not written its CSV in this run.", None, name)]
+    protocol = "reference" if "reference" in set(table.protocol) else sorted(set(table.protocol))[0]
+    table = table[table.protocol == protocol]
+    sums = table.groupby("reference")[["hits", "important", "hits_no_sinks", "important_no_sinks"]].sum()
+    rate = sums.hits / sums.important
+    no_sinks = sums.hits_no_sinks / sums.important_no_sinks
+    others = rate.drop("snapkv", errors="ignore")
+    others_no_sinks = no_sinks.drop("snapkv", errors="ignore")
+    best = f"; best reference set: {others.idxmax()} {others.max():.2f}" if len(others) else ""
+    best_no_sinks = (f"; best reference set: {others_no_sinks.idxmax()} {others_no_sinks.max():.2f}"
+                     if len(others_no_sinks.dropna()) else "")
+    samples = table["sample"].nunique()
+    return [Finding("hit_rate", f"SnapKV hit rate ({protocol} answers, {samples} samples, all layers, heads and answer "
+                                f"tokens pooled): {rate['snapkv']:.2f}{best}", float(rate["snapkv"]), name),
+            Finding("hit_rate_no_sinks", f"SnapKV hit rate without the attention sinks: {no_sinks['snapkv']:.2f}"
+                                         f"{best_no_sinks}", float(no_sinks["snapkv"]), name)]
+
+
+def _needle_findings(figures: Path) -> list[Finding]:
+    from snapkv.analysis.quality.statistics import retention_table
+
+    name = "06_needle"
+    table = _read_csv(figures, name)
+    if table is None:
+        return [Finding("needle", "Needle retention: notebook 06 has not written its CSV in this run.", None, name)]
+    table = table[table.task == "needle"]
+    mode = "question-aware" if "question-aware" in set(table["mode"]) else sorted(set(table["mode"]))[0]
+    table = table[table["mode"] == mode]
+    retention = retention_table(table, by=("method",), resamples=200)
+    budgets = sorted(table.budget.dropna().astype(int).unique())
+    span = f"budgets {budgets[0]}-{budgets[-1]}" if len(budgets) > 1 else f"budget {budgets[0]}" if budgets else ""
+    findings = []
+    for row in sorted(retention.itertuples(), key=lambda r: -r.retention if pd.notna(r.retention) else 1):
+        findings.append(Finding(f"needle_{row.method}", f"Needle retention, {row.method} ({mode}, {span}, "
+                                f"{row.prompts} prompts): {row.retention:.0%} of the full cache's score "
+                                f"({row.score:.2f} vs {row.full_score:.2f})", float(row.retention), name))
+    return findings
+
+
+def _speed_findings(figures: Path) -> list[Finding]:
+    name = "08_speed_memory"
+    table = _read_csv(figures, name)
+    if table is None:
+        return [Finding("speed", "Decode speed and memory: notebook 08 has not written its CSV in this run.",
+                        None, name)]
+    ok = table[table.status == "ok"]
+    batch = ok.batch_size.min()
+    ok = ok[ok.batch_size == batch]
+    full = ok[ok.method == "FullCache"]
+    longest = int(full.prompt_len.max())
+    full = full[full.prompt_len == longest].iloc[0]
+    snap = ok[(ok.method == "SnapKV") & (ok.prompt_len == longest)].sort_values("budget")
+    if snap.empty:
+        return [Finding("speed", f"Decode speed: no SnapKV measurement at {longest} tokens.", None, name)]
+    snap = snap.iloc[0]
+    speedup = full.decode_ms_per_token / snap.decode_ms_per_token
+    where = f"at the longest prompt, {longest} tokens, batch {batch}, SnapKV budget {int(snap.budget)}"
+    return [Finding("decode_speedup", f"Decode speed-up {where}: {speedup:.2f}x ({full.decode_ms_per_token:.1f} vs "
+                                      f"{snap.decode_ms_per_token:.1f} ms/token)", float(speedup), name),
+            Finding("memory", f"Memory (weights + KV cache) {where}: {snap.memory_mib:.0f} MiB vs "
+                              f"{full.memory_mib:.0f} MiB with the full cache; KV cache {snap.kv_cache_mib:.1f} vs "
+                              f"{full.kv_cache_mib:.1f} MiB", float(snap.memory_mib), name)]
+
+
+def _findings_section(findings: list[Finding]) -> str:
+    items = []
+    for finding in findings:
+        link = (f" (<a href='#figure-{_anchor(finding.figure)}'>figure</a>, "
+                f"<a href='{FIGURES}/{html.escape(finding.figure)}.html'>interactive</a>)") if finding.figure else ""
+        css = "" if finding.value is not None else " class='missing'"
+        items.append(f"<li id='finding-{_anchor(finding.key)}'{css}>{html.escape(finding.text)}{link}</li>")
+    return ("<h2 id='findings'>Headline findings of this run</h2><p>Computed from the figures' CSVs.</p><ul>"
+            + "".join(items) + "</ul>")
+
+
+def _screenshots_section(out_dir: Path) -> str:
+    shots = sorted((Path(out_dir) / SCREENSHOTS).glob("*.png"))
+    if not shots:
+        return ""
+    links = " &middot; ".join(f"<a href='{SCREENSHOTS}/{html.escape(p.name)}'>{html.escape(p.stem)}</a>" for p in shots)
+    return (f"<p>Screenshots taken by the browser test (headless Chromium, network blocked): {links}</p>")
+
+
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; max-width: 1200px; }
 table { border-collapse: collapse; margin: 0.5em 0; } td, th { border: 1px solid #ccc; padding: 3px 8px;
 text-align: left; vertical-align: top; font-size: 0.9em; } .ok { color: #1a7f37; } .failed { color: #cf222e; }
 .skipped, .notrun { color: #9a6700; } pre.error { background: #fff0f0; border-left: 4px solid #cf222e; padding: 0.5em;
 white-space: pre-wrap; } img { max-width: 100%; border: 1px solid #eee; } .figure { margin: 1.5em 0 2.5em; }
-details { margin: 0.3em 0; } code { font-size: 0.9em; }
+details { margin: 0.3em 0; } code { font-size: 0.9em; } li.missing { color: #9a6700; }
 """
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from snapkv.analysis.reporting.reproduce import reproduce
+from snapkv.analysis.reporting.reproduce import headline_findings
 
 pytestmark = pytest.mark.slow
 
@@ -14,8 +14,9 @@ FIGURES = ("00_quickstart", *OBSERVATION, "06_needle", "06_needle_pooling", "06_
            "07_task_suite", "08_speed_memory", "09_explorer")  # every figure of the full run
 
 
-def test_reproduce_quick_end_to_end(tmp_path):
-    runs = reproduce(tmp_path, quick=True, progress=False).set_index("part")
+def test_reproduce_quick_end_to_end(quick_run):
+    tmp_path, runs = quick_run  # reproduce(..., quick=True), once per session (conftest.py)
+    runs = runs.set_index("part")
     waiting = runs.status == "not run"  # the GPU benchmark, on a machine without CUDA
     assert list(runs.index[waiting]) == ["gpu_scale"], runs[["status", "error"]].to_string()
     assert (runs.status[~waiting] == "ok").all(), runs[["status", "error"]].to_string()
@@ -29,6 +30,16 @@ def test_reproduce_quick_end_to_end(tmp_path):
         assert name not in OBSERVATION or record["settings"]["n_samples"] >= 1
     index = (tmp_path / "index.html").read_text()
     assert all(f"{name}.png" in index for name in FIGURES)
+    findings = headline_findings(tmp_path)  # the index starts with them, each computed from a CSV
+    assert {"hit_rate", "hit_rate_no_sinks", "decode_speedup", "memory"} <= {f.key for f in findings}
+    assert any(f.key.startswith("needle_") for f in findings)
+    assert all(f.value is not None for f in findings), [f.text for f in findings if f.value is None]
+    assert index.index("id='findings'") < index.index("<table")
+    # offline: one shared plotly.js beside the figures, no CDN in any page the run writes
+    assert (figures / "plotly.min.js").stat().st_size > 1_000_000
+    for page in [*figures.glob("*.html"), *tmp_path.glob("*.html")]:
+        text = page.read_text()
+        assert "cdn.plot.ly" not in text and "cdnjs" not in text and "unpkg.com" not in text, page.name
 
     results = json.loads((tmp_path / "benchmarks" / "speed_memory.json").read_text())
     kv = {(row["method"], row["budget"], row["prompt_len"]): row["kv_cache_mib"] for row in results["rows"]}

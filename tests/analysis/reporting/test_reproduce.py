@@ -2,10 +2,12 @@
 benchmark scripts (no model)."""
 
 import json
+import re
 import sys
 import textwrap
 
 import nbformat
+import pandas as pd
 import pytest
 import torch
 from nbformat.v4 import new_code_cell, new_notebook
@@ -262,3 +264,69 @@ def test_headless_runs_tell_interactive_notebooks_and_a_stuck_cell_times_out(fol
     parts = reproduce(out, notebook_dir=notebooks, benchmarks=[], execution_timeout=3, progress=False)
     assert parts.status.tolist() == ["ok", "failed", "ok"], parts.error.tolist()
     assert "Timeout" in parts.error[1] or "timed out" in parts.error[1].lower()
+
+
+def write_finding_csvs(figures):
+    figures.mkdir(parents=True, exist_ok=True)
+    rows = [dict(protocol=p, sample=0, layer=0, window=0, reference=r, hits=h, important=10, hits_no_sinks=h - 1,
+                 important_no_sinks=8) for p in ("reference", "greedy") for r, h in (("snapkv", 9), ("random", 2))]
+    pd.DataFrame(rows).to_csv(figures / "01_hit_rate_along_generation.csv", index=False)
+    needle = [dict(mode="question-aware", task="needle", method=m, budget=b, length=512, depth=0.5, sample=s, score=v)
+              for s in range(2) for m, b, v in (("full", None, 1.0), ("snapkv", 64, 0.5), ("random", 64, 0.0))]
+    pd.DataFrame(needle).to_csv(figures / "06_needle.csv", index=False)
+    speed = [dict(method=m, budget=b, batch_size=1, prompt_len=n, decode_ms_per_token=ms, memory_mib=mem,
+                  kv_cache_mib=kv, status="ok")
+             for n in (256, 512)
+             for m, b, ms, mem, kv in (("FullCache", None, 40.0, 600, 20), ("SnapKV", 64, 20.0, 520, 3))]
+    pd.DataFrame(speed).to_csv(figures / "08_speed_memory.csv", index=False)
+
+
+def test_index_starts_with_headline_findings_computed_from_the_csvs(tmp_path):
+    from snapkv.analysis.reporting.reproduce import headline_findings
+
+    out = tmp_path / "reports"
+    write_finding_csvs(out / "figures")
+    findings = {f.key: f for f in headline_findings(out)}
+    assert findings["hit_rate"].value == pytest.approx(0.9) and findings["hit_rate_no_sinks"].value == pytest.approx(1)
+    assert findings["needle_snapkv"].value == pytest.approx(0.5) and findings["needle_random"].value == 0
+    assert findings["decode_speedup"].value == pytest.approx(2.0) and "512 tokens" in findings["decode_speedup"].text
+    assert findings["memory"].value == 520
+    page = write_index(out).read_text()
+    assert page.index("id='findings'") < page.index("<table")
+    assert "href='#figure-01-hit-rate-along-generation'" in page and "figures/08_speed_memory.html" in page
+    (out / "screenshots").mkdir()
+    (out / "screenshots" / "index.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    assert "href='screenshots/index.png'" in write_index(out).read_text()
+
+
+def test_missing_csvs_are_said_not_guessed(tmp_path):
+    from snapkv.analysis.reporting.reproduce import headline_findings
+
+    findings = headline_findings(tmp_path)
+    assert [f.value for f in findings] == [None, None, None]
+    assert all("has not written its CSV" in f.text for f in findings)
+
+
+def test_exported_notebook_pages_load_nothing_from_the_network(tmp_path):
+    import plotly.express as px
+
+    from snapkv.analysis.reporting.notebooks import export_html
+
+    figure = px.bar(x=[1, 2], y=[3, 4]).to_plotly_json()
+    view = {"model_id": "box", "version_major": 2, "version_minor": 0}
+    state = {"box": {"model_name": "HBoxModel", "state": {"children": ["IPY_MODEL_bar", "IPY_MODEL_text"]}},
+             "bar": {"model_name": "FloatProgressModel", "state": {"value": 2, "max": 2}},
+             "text": {"model_name": "HTMLModel", "state": {"value": "2/2 done"}}}
+    cell = new_code_cell("fig.show()", outputs=[
+        nbformat.v4.new_output("display_data", data={"application/vnd.plotly.v1+json": figure, "text/plain": "fig"}),
+        nbformat.v4.new_output("display_data", data={"application/vnd.jupyter.widget-view+json": view,
+                                                     "text/plain": "  0%|"})])
+    notebook = new_notebook(cells=[cell], metadata={"kernelspec": KERNELSPEC, "widgets": {
+        "application/vnd.jupyter.widget-state+json": {"state": state, "version_major": 2, "version_minor": 0}}})
+    (tmp_path / "figures").mkdir()
+    nbformat.write(notebook, tmp_path / "01_x.ipynb")
+    page = export_html(tmp_path / "01_x.ipynb").read_text()
+    assert not re.search(r"""(src=|url\(|import\()["']?(https?:)?//""", page), "a network URL in the page"
+    assert '<script src="figures/plotly.min.js"></script>' in page and "Plotly.newPlot" in page
+    assert re.search(r"<progress[^>]*value=.2", page) and "2/2 done" in page and "0%|" not in page
+    assert (tmp_path / "figures" / "plotly.min.js").stat().st_size > 1_000_000
