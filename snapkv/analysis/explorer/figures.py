@@ -34,6 +34,15 @@ def _title(trace: Trace, layer: int, head: int, budget: int, table: pd.DataFrame
             f"{int(table.kept.sum())} of {len(table)} prompt positions{share}")
 
 
+def _panels(trace: Trace, layer: int, head: int, *, row: int, **settings):
+    """What both figures draw: the head's table of prompt positions, its generated rows (or None) and the
+    per-row table of generation steps (or None)."""
+    table = head_table(trace, layer, head, row=row, **settings)
+    generated = generation_rows_or_none(trace, layer, row)
+    steps = generation_table(trace, layer, head, row=row, **settings) if generated else None
+    return table, generated, steps
+
+
 def explorer_figure(trace: Trace, layer: int, head: int, *, budget: int, window_size: int | None = None,
                     kernel_size: int = 7, pooling: str = "maxpool", gqa: str | None = None, kv_heads: int | None = None,
                     tokenizer=None, row: int = 0):
@@ -43,11 +52,9 @@ def explorer_figure(trace: Trace, layer: int, head: int, *, budget: int, window_
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    settings = dict(budget=budget, window_size=window_size, kernel_size=kernel_size, pooling=pooling, gqa=gqa,
-                    kv_heads=kv_heads, tokenizer=tokenizer, row=row)
-    table = head_table(trace, layer, head, **settings)
-    generated = generation_rows_or_none(trace, layer, row)
-    steps = generation_table(trace, layer, head, **settings) if generated else None
+    table, generated, steps = _panels(trace, layer, head, budget=budget, window_size=window_size,
+                                      kernel_size=kernel_size, pooling=pooling, gqa=gqa, kv_heads=kv_heads,
+                                      tokenizer=tokenizer, row=row)
     kept = table[table.kept]
     tokens = table.token.to_numpy()
     figure = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.05, row_heights=[0.25, 0.5, 0.25],
@@ -105,11 +112,9 @@ def static_figure(trace: Trace, layer: int, head: int, *, budget: int, window_si
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    settings = dict(budget=budget, window_size=window_size, kernel_size=kernel_size, pooling=pooling, gqa=gqa,
-                    kv_heads=kv_heads, tokenizer=tokenizer, row=row)
-    table = head_table(trace, layer, head, **settings)
-    generated = generation_rows_or_none(trace, layer, row)
-    steps = generation_table(trace, layer, head, **settings) if generated else None
+    table, generated, steps = _panels(trace, layer, head, budget=budget, window_size=window_size,
+                                      kernel_size=kernel_size, pooling=pooling, gqa=gqa, kv_heads=kv_heads,
+                                      tokenizer=tokenizer, row=row)
     kept = table[table.kept]
     sns.set_theme(style="whitegrid")
     figure, (votes, heat, mean) = plt.subplots(3, 1, figsize=(12, 8.5), sharex=True, layout="constrained",
