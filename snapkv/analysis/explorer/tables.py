@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from snapkv.core.policies import check_int
 from snapkv.core.selection import GQA_MODES, POOLINGS, aggregate_gqa, pool_scores, top_positions
 from snapkv.core.trace import Trace
 
@@ -92,13 +93,13 @@ def _selection(trace: Trace, layer: int, budget: int, window_size: int | None, k
     gqa = default_gqa(trace) if gqa is None else gqa
     recorded = trace.metadata["window_size"]
     window_size = recorded if window_size is None else window_size
-    if isinstance(window_size, bool) or not isinstance(window_size, int) or not 1 <= window_size <= recorded:
-        raise ValueError(f"window_size must be an int from 1 to the recorded window ({recorded}), got {window_size!r}")
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget <= window_size:
-        raise ValueError(f"budget ({budget!r}) must be an int that exceeds window_size ({window_size}): "
+    if check_int("window_size", window_size, 1) > recorded:
+        raise ValueError(f"window_size must be at most the recorded window ({recorded}), got {window_size}")
+    if check_int("budget", budget, 1) <= window_size:
+        raise ValueError(f"budget ({budget}) must be an int that exceeds window_size ({window_size}): "
                          "the budget includes the observation window")
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be an odd positive int, got {kernel_size!r}")
+    if check_int("kernel_size", kernel_size, 1) % 2 == 0:
+        raise ValueError(f"kernel_size must be odd so pooling keeps positions aligned, got {kernel_size}")
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     if gqa not in GQA_MODES:
@@ -275,8 +276,8 @@ def generation_rows_or_none(trace: Trace, layer: int, row: int):
 
 def _check_head(trace: Trace, head: int) -> None:
     heads = trace.metadata["num_attention_heads"]
-    if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < heads:
-        raise ValueError(f"head must be an int from 0 to {heads - 1}, got {head!r}")
+    if check_int("head", head, 0) >= heads:
+        raise ValueError(f"head must be an int from 0 to {heads - 1}, got {head}")
 
 
 # -- figures ---------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from typing import ClassVar
 from snapkv import H2O, FullCache, Policy, RandomEviction, SnapKV, StreamingLLM
 from snapkv.analysis.quality.prompts import DEFAULT_DEPTHS, DEFAULT_LENGTHS, TASKS
 from snapkv.analysis.quality.statistics import CALIBRATION_THRESHOLD
+from snapkv.core.policies import check_int
 
 DEFAULT_BUDGETS = (128, 256, 512, 1024)
 ABLATION_BUDGETS = (128,)
@@ -59,9 +60,7 @@ def check_methods(methods, budgets, ablation_budgets=ABLATION_BUDGETS, *, window
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}: choose from {', '.join(METHODS)}")
     for budget in [*budgets, *ablation_budgets]:
-        if isinstance(budget, bool) or not isinstance(budget, int):
-            raise ValueError(f"budgets must be ints, got {budget!r}")
-        if budget <= window_size:
+        if check_int("budget", budget, 1) <= window_size:
             raise ValueError(f"budget {budget} must exceed the observation window ({window_size} tokens): "
                              "the budget includes the window")
     if any(m != "full" and m not in ABLATION_METHODS for m in methods) and not list(budgets):

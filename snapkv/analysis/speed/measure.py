@@ -34,6 +34,7 @@ import torch
 
 from snapkv.analysis.text import stdlib_source_ids
 from snapkv.core.compat import forward, new_cache, prefill
+from snapkv.core.policies import check_int
 
 MIB = 2**20
 GIB = 2**30
@@ -120,8 +121,7 @@ def decode_speed(model, input_ids: torch.Tensor, policy, *, decode_tokens: int =
     """
     import snapkv
 
-    if isinstance(decode_tokens, bool) or not isinstance(decode_tokens, int) or decode_tokens < 1:
-        raise ValueError(f"decode_tokens must be a positive int, got {decode_tokens!r}")
+    check_int("decode_tokens", decode_tokens, 1)
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
     if not isinstance(policy, snapkv.Policy) and not callable(policy):
