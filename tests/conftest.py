@@ -21,3 +21,14 @@ def gemma():
     except loading.MissingModelError as error:
         pytest.skip(f"gemma-3-270m's wheels are not installed ({error})")
     return snapkv.load_model("gemma-3-270m")
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one torch thread avoids thread-pool overhead (large on a busy machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

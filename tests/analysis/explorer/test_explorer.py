@@ -17,13 +17,7 @@ from snapkv.core.trace import FORMAT_VERSION, Trace  # noqa: E402
 HEADS, WINDOW, PROMPT, GENERATED = 4, 4, 24, 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids thread-pool overhead (large on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def synthetic_trace(reducer="raw", policy=None, kv_heads=None) -> Trace:

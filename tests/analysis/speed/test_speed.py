@@ -24,12 +24,7 @@ from snapkv.core import compat  # noqa: E402
 GPU_SCALE = Path(__file__).resolve().parents[3] / "benchmarks" / "gpu_scale.py"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class CharTokenizer:
