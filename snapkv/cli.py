@@ -14,8 +14,10 @@ def add_reproduce_command(subparsers) -> None:
     parser = subparsers.add_parser(
         "reproduce",
         help="run every notebook and benchmark, write their outputs and one index.html",
-        description="Execute every notebook (sorted by name) with papermill, then every benchmark script of the "
-        "benchmarks/ folder next to the notebooks; write NAME.ipynb, NAME.html, figures/, benchmarks/ and "
+        description="Execute every notebook (sorted by name) with papermill; notebooks 01, 03, 06 and 07 again on "
+        "gemma-3-270m into --out/models/gemma-3-270m/ (when its wheels are installed and --model is not given); then "
+        "12_across_models, which compares the two; then every benchmark script of the benchmarks/ folder next to the "
+        "notebooks; write NAME.ipynb, NAME.html, figures/, benchmarks/ and "
         "index.html (every figure, its data, settings and the environment) under --out. Parts that finished "
         "earlier with the same parameters are skipped (--force reruns them); a failing part is reported on the "
         "page and in the exit code (1) without stopping the others.",
@@ -24,7 +26,8 @@ def add_reproduce_command(subparsers) -> None:
     parser.add_argument("--model", default=None, metavar="NAME_OR_PATH",
                         help="model for the notebooks that declare a `model_name` parameter: an embedded model's "
                              "name (e.g. gemma-3-270m), a folder, a .gguf file or a cached hub id (default: their "
-                             "own, the embedded SmolLM2-135M-Instruct)")
+                             "own, the embedded SmolLM2-135M-Instruct); choosing one skips the second-model "
+                             "(gemma-3-270m) pass")
     parser.add_argument("--device", default=None,
                         help="device of the notebooks' model, e.g. cuda (default: their own, cpu)")
     parser.add_argument("--dtype", default=None,

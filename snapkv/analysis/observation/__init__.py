@@ -31,9 +31,12 @@ from snapkv.analysis.observation.experiments import (
 )
 from snapkv.analysis.observation.metrics import (
     COUNTS,
+    DEPTH_METRICS,
     REFERENCES,
+    hit_rate_by_depth,
     hit_rate_table,
     important_set,
+    main_protocol,
     metric_records,
     pool,
     ratios,
@@ -49,6 +52,7 @@ from snapkv.analysis.observation.plots import (
     REFERENCE_STYLE,
     head_heatmap_figure,
     hit_rate_along_generation_figure,
+    hit_rate_by_depth_figure,
     observation_metrics_figure,
     question_overlap_figure,
     question_position_figure,
@@ -57,6 +61,7 @@ from snapkv.analysis.observation.plots import (
     windows_along_prompt_figure,
 )
 from snapkv.analysis.observation.readings import (
+    hit_rate_by_depth_reading,
     hit_rate_reading,
     hit_rate_verdict,
     interval_verdict,
@@ -69,7 +74,8 @@ from snapkv.analysis.observation.readings import (
 
 __all__ = [
     "voted_set", "important_set", "REFERENCES", "reference_set", "sink_positions", "token_metrics", "COUNTS",
-    "ratios", "pool", "reference_sets", "metric_records", "hit_rate_table", "sensitivity_table", "summarize",
+    "ratios", "pool", "DEPTH_METRICS", "main_protocol", "hit_rate_by_depth", "hit_rate_by_depth_figure",
+    "hit_rate_by_depth_reading", "reference_sets", "metric_records", "hit_rate_table", "sensitivity_table", "summarize",
     "hit_rate_along_generation", "teacher_forced_attention", "greedy_continuation", "voted_overlap",
     "run_over_samples", "WindowVotes", "windows_along_prompt", "hit_rate_experiment", "sensitivity_experiment",
     "windows_along_prompt_experiment", "question_overlap_experiment", "question_position_experiment",

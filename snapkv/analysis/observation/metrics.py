@@ -228,3 +228,35 @@ def summarize(table: pd.DataFrame, by: list[str], value: str, confidence: float 
         records.append(dict(zip(by, key), mean=float(values.mean()) if len(values) else float("nan"),
                             ci_low=float(low), ci_high=float(high), samples=len(values)))
     return pd.DataFrame.from_records(records)
+
+
+DEPTH_METRICS = {"hit_rate": "with sinks", "hit_rate_no_sinks": "without sinks"}
+
+
+def main_protocol(table: pd.DataFrame) -> str:
+    """The protocol a summary of notebook 01's table uses: "reference" (teacher-forced answers) when present."""
+    protocols = sorted(set(table.protocol))
+    return "reference" if "reference" in protocols else protocols[0]
+
+
+def hit_rate_by_depth(table: pd.DataFrame, protocol: str | None = None) -> pd.DataFrame:
+    """Notebook 01's hit rates of several models on one relative depth axis.
+
+    table: notebook 01's tables stacked with a `model` column (`reporting.runs.read_across_models`).
+    protocol: which answers (None: `main_protocol`). Each model's layer count is taken from its rows
+    (largest layer + 1); depth = layer / (layers - 1): 0 is the first layer, 1 the last.
+    Returns one row per (model, sinks, reference, layer): mean over samples of the hit rate with all
+    generation windows and heads pooled, with a 95% bootstrap interval; columns model, sinks ("with sinks" /
+    "without sinks"), reference, layer, mean, ci_low, ci_high, samples, layers, depth, protocol.
+    """
+    protocol = protocol or main_protocol(table)
+    part = table[table.protocol == protocol]
+    layers = part.groupby("model").layer.max() + 1
+    pooled = pool(part, ["model", "sample", "layer", "reference"])
+    long = pooled.melt(id_vars=["model", "sample", "layer", "reference"], value_vars=list(DEPTH_METRICS),
+                       var_name="sinks")
+    long["sinks"] = long.sinks.map(DEPTH_METRICS)
+    summary = summarize(long, ["model", "sinks", "reference", "layer"], "value")
+    summary["layers"] = summary.model.map(layers).astype(int)
+    summary["depth"] = summary.layer / (summary.layers - 1).clip(lower=1)
+    return summary.assign(protocol=protocol)

@@ -144,3 +144,64 @@ def observation_metrics_figure(summary: pd.DataFrame, caption: str):
     share): the voted set next to broken-line reference sets of the same size."""
     return _lines(summary, x="layer", hue="reference", facet="metric", xlabel="layer", ylabel="value",
                   title=f"What the hit rate measures ({caption})", ylim=(0, 1.02))
+
+
+SNAPKV_LINE = dict(linestyle="-", marker="o", linewidth=1.8, zorder=5)
+
+
+def hit_rate_by_depth_figure(summary: pd.DataFrame, caption: str):
+    """Hit rate against relative layer depth (0 = first layer, 1 = last) for several models: one panel with
+    sinks and one without, one colour per model, SnapKV's voted set solid, the reference sets broken.
+
+    summary: `metrics.hit_rate_by_depth`. The plotly figure is built from one frame sorted by
+    (sinks, model, reference, depth), one trace per (model, set) and panel."""
+    sns.set_theme(style="whitegrid")
+    panels = [p for p in ("with sinks", "without sinks") if p in set(summary.sinks)]
+    models = list(dict.fromkeys(summary.model))  # in the order of the runs
+    sets = sorted(summary.reference.unique(), key=lambda r: (r != "snapkv", r))
+    colors = dict(zip(models, sns.color_palette("deep", len(models))))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.4), sharey=True, squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for model in models:
+            for name in sets:
+                group = summary[(summary.sinks == panel) & (summary.model == model) & (summary.reference == name)]
+                group = group.sort_values("depth")
+                if group.empty:
+                    continue
+                style = REFERENCE_LINES.get(name, SNAPKV_LINE)
+                label = f"{model}, {'SnapKV' if name == 'snapkv' else name}"
+                ax.plot(group.depth, group["mean"], color=colors[model], label=label, markersize=3, **style)
+                if name == "snapkv":
+                    ax.fill_between(group.depth, group.ci_low, group.ci_high, color=colors[model], alpha=0.15)
+        ax.set(xlabel="relative layer depth (0 = first layer, 1 = last)", ylabel="hit rate", title=panel,
+               xlim=(-0.02, 1.02), ylim=(0, 1.02))
+    handles = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.suptitle(_wrapped(f"Hit rate by relative layer depth ({caption})", 64 * len(panels), "\n"))
+    fig.tight_layout()
+    fig.legend(handles.values(), handles.keys(), title="model, set", fontsize=8, loc="upper left",
+               bbox_to_anchor=(1.0, 0.9))
+
+    data = summary.assign(set=summary.reference.map(lambda r: "SnapKV" if r == "snapkv" else r))
+    data = data.assign(ci_plus=data.ci_high - data["mean"], ci_minus=data["mean"] - data.ci_low)
+    data = data.assign(_model=data.model.map(models.index), _set=data.reference.map(sets.index))
+    data = data.sort_values(["sinks", "_model", "_set", "depth"]).drop(columns=["_model", "_set"])
+    set_names = ["SnapKV" if r == "snapkv" else r for r in sets]
+    interactive = px.line(data, x="depth", y="mean", color="model", line_dash="set", symbol="set", facet_col="sinks",
+                          markers=True, error_y="ci_plus", error_y_minus="ci_minus", hover_data=["layer", "layers"],
+                          category_orders={"sinks": panels, "model": models, "set": set_names},
+                          color_discrete_map={m: _hex(c) for m, c in colors.items()},
+                          line_dash_map={"SnapKV": "solid", **{r: PLOTLY_REFERENCE_LINES[r]["dash"]
+                                                                for r in sets if r in PLOTLY_REFERENCE_LINES}},
+                          labels={"mean": "hit rate", "depth": "relative layer depth"},
+                          title=_wrapped(f"Hit rate by relative layer depth ({caption})", 110, "<br>"))
+    for trace in interactive.data:
+        if not trace.name.endswith("SnapKV"):
+            trace.update(error_y={"visible": False}, line={"width": 1.3})
+    interactive.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))
+    interactive.update_yaxes(range=[0, 1.02])
+    interactive.update_xaxes(range=[-0.02, 1.02])
+    interactive.update_layout(margin={"t": 110})
+    return fig, interactive

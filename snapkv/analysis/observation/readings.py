@@ -138,3 +138,59 @@ def voting_variants_reading(summary: pd.DataFrame, heads: pd.DataFrame, window_s
         f"- Least predictable heads: {worst}; the median head scores {rates.median():.2f} "
         f"({len(rates)} heads with at least one important position).",
     ])
+
+
+def _depth_comparison(summary: pd.DataFrame, sinks: str) -> dict[str, pd.DataFrame]:
+    """Per model: SnapKV's mean and the best reference set's mean at each layer (columns layer, depth, snapkv,
+    best, best_set), for the rows with `sinks`."""
+    result = {}
+    for model, part in summary[summary.sinks == sinks].groupby("model", sort=False):
+        wide = part.pivot_table(index=["layer", "depth"], columns="reference", values="mean").reset_index()
+        others = [c for c in wide.columns if c not in ("layer", "depth", "snapkv")]
+        if "snapkv" not in wide or not others:
+            continue
+        wide = wide.dropna(subset=["snapkv"])
+        result[model] = wide.assign(best=wide[others].max(axis=1), best_set=wide[others].idxmax(axis=1))
+    return result
+
+
+def hit_rate_by_depth_reading(summary: pd.DataFrame) -> str:
+    """Notebook 12: what holds across the models of `metrics.hit_rate_by_depth` and what does not: at how many
+    depths SnapKV's hit rate beats the best reference set (with and without sinks), its mean over layers and
+    the depth where it is lowest."""
+    models = list(dict.fromkeys(summary.model))
+    lines = [f"Hit rate by relative layer depth on {len(models)} model(s) ({', '.join(models)}; "
+             f"{summary.protocol.iloc[0]} answers):"]
+    verdicts = {}
+    for sinks in ("with sinks", "without sinks"):
+        compared = _depth_comparison(summary, sinks)
+        above = {}
+        for model, wide in compared.items():
+            wins = wide.snapkv > wide.best
+            above[model] = bool(wins.all())
+            misses = wide[~wins]
+            where = ("at every depth" if wins.all() else f"at {int(wins.sum())} of {len(wide)} depths (not at "
+                     + ", ".join(f"{d:.2f}" for d in misses.depth.head(6)) + (", ..." if len(misses) > 6 else "") + ")")
+            lowest = wide.loc[wide.snapkv.idxmin()]
+            lines.append(f"- {model}, {sinks}: SnapKV {wide.snapkv.mean():.2f} averaged over {len(wide)} layers "
+                         f"(best reference set {wide.best.mean():.2f}); above the best reference set {where}; "
+                         f"lowest {lowest.snapkv:.2f} at depth {lowest.depth:.2f} (layer {int(lowest.layer)}).")
+        verdicts[sinks] = above
+    for sinks, above in verdicts.items():
+        if not above:
+            continue
+        name = "hit rate" if sinks == "with sinks" else "sink-free hit rate"
+        if len(above) > 1 and all(above.values()):
+            lines.append(f"**Holds on every model:** SnapKV's {name} is above the best reference set at every depth.")
+        elif len(above) > 1 and any(above.values()):
+            held = [m for m, ok in above.items() if ok]
+            lines.append(f"**Does not hold on every model:** SnapKV's {name} beats the best reference set at every "
+                         f"depth on {', '.join(held)} only.")
+        elif len(above) > 1:
+            lines.append(f"**Holds on no model:** SnapKV's {name} falls to or below the best reference set at some "
+                         "depth on every model.")
+        else:
+            (model, ok), = above.items()
+            lines.append(f"Only {model} has data: SnapKV's {name} is {'above' if ok else 'not above'} the best "
+                         "reference set at every depth; nothing to compare across models.")
+    return "\n".join(lines)

@@ -45,6 +45,9 @@ from snapkv.analysis.quality.prompts import (
     needle_prompts,
     task_prompts,
 )
+from snapkv.analysis.quality.readings import (
+    accuracy_by_model_reading,
+)
 from snapkv.analysis.quality.runner import (
     DEFAULT_PREFILL_CHUNK,
     GeneratedAnswer,
@@ -64,6 +67,7 @@ from snapkv.analysis.quality.scoring import (
 )
 from snapkv.analysis.quality.statistics import (
     CALIBRATION_THRESHOLD,
+    accuracy_by_model,
     calibrate,
     retention_table,
     suite_means,
@@ -73,6 +77,7 @@ from snapkv.analysis.quality.statistics import (
 )
 
 __all__ = [
+    "accuracy_by_model", "accuracy_by_model_reading",
     "DEFAULT_LENGTHS", "DEFAULT_DEPTHS", "TASKS", "NEEDLE_FORMATS", "CITIES", "WORDS", "QualityPrompt",
     "needle_fact", "check_lengths", "check_samples", "needle_prompts", "CODE_INSTRUCTION", "CODE_QUESTION",
     "task_prompts", "DEFAULT_BUDGETS", "ABLATION_BUDGETS", "WINDOW_SIZE", "KERNEL_SIZE", "METHODS",

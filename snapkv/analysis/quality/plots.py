@@ -233,3 +233,72 @@ def calibration_figure(calibration: pd.DataFrame, caption: str, threshold: float
     interactive.update_layout(title=f"Calibration: full cache, threshold {threshold} ({caption})",
                               xaxis_title="context length (tokens)", yaxis_title="task")
     return fig, interactive
+
+
+def accuracy_by_model_figure(summary: pd.DataFrame, caption: str, ylabel: str = "accuracy"):
+    """Accuracy against budget, one panel per model, one line per method (mean with its 95% bootstrap band);
+    the full cache is a grey dashed horizontal line across the budgets.
+
+    summary: `statistics.accuracy_by_model`. The plotly figure is built from one frame sorted by (model,
+    method, budget) in which the full cache is repeated at each budget of its model, so every trace's points
+    come from the same rows."""
+    import plotly.express as px
+
+    models = list(dict.fromkeys(summary.model))
+    methods = sorted((m for m in summary.method.unique() if m != "full"), key=_method_rank)
+    colors = _colors(methods) | {"full cache": (0.5, 0.5, 0.5)}
+    rows = []
+    for model in models:
+        part = summary[summary.model == model]
+        compressed = part[part.method != "full"]
+        budgets = sorted(compressed.budget.dropna().astype(int).unique())
+        rows.append(compressed.assign(method_label=compressed.method))
+        full = part[part.method == "full"]
+        if len(full) and budgets:
+            rows.append(pd.concat([full.iloc[[0]]] * len(budgets), ignore_index=True)
+                        .assign(budget=budgets, method_label="full cache"))
+    order = ["full cache", *methods]
+    data = pd.concat(rows, ignore_index=True) if rows else summary.assign(method_label=summary.method)
+    data = data.assign(budget=data.budget.astype(float), _model=data.model.map(models.index),
+                       _method=data.method_label.map(order.index))
+    data = data.sort_values(["_model", "_method", "budget"]).drop(columns=["_model", "_method"])
+
+    sns.set_theme(style="whitegrid")
+    fig, axes = plt.subplots(1, len(models), figsize=(5.4 * len(models), 4.2), sharey=True, squeeze=False)
+    for ax, model in zip(axes[0], models):
+        part = data[data.model == model]
+        for name in order:
+            group = part[part.method_label == name]
+            if group.empty:
+                continue
+            if name == "full cache":
+                ax.axhline(group["mean"].iloc[0], color="grey", linestyle="--", linewidth=1.2, label=name)
+                continue
+            ax.plot(group.budget, group["mean"], marker="o", markersize=3, color=colors[name], label=name)
+            ax.fill_between(group.budget, group.ci_low, group.ci_high, color=colors[name], alpha=0.12)
+        ax.set_xscale("log", base=2)
+        ax.set(title=model, xlabel="budget (prompt tokens kept)", ylabel=ylabel, ylim=(-0.02, 1.02))
+    handles = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    title = f"{ylabel.capitalize()} vs budget per method, by model ({caption})"
+    fig.suptitle(textwrap.fill(title, 50 * len(models)))
+    fig.tight_layout()
+    fig.legend(handles.values(), handles.keys(), title="method", fontsize=8, loc="upper left",
+               bbox_to_anchor=(1.0, 0.9))
+
+    data = data.assign(ci_plus=data.ci_high - data["mean"], ci_minus=data["mean"] - data.ci_low)
+    interactive = px.line(data, x="budget", y="mean", color="method_label", facet_col="model", markers=True,
+                          error_y="ci_plus", error_y_minus="ci_minus", log_x=True, hover_data=["samples", "over"],
+                          category_orders={"model": models, "method_label": order},
+                          color_discrete_map={m: _hex(c) for m, c in colors.items()},
+                          labels={"mean": ylabel, "budget": "budget (prompt tokens kept)", "method_label": "method"},
+                          title="<br>".join(textwrap.wrap(title, 110)))
+    for trace in interactive.data:
+        if trace.name == "full cache":
+            trace.update(line={"dash": "dash", "width": 1.2}, marker={"size": 4}, error_y={"visible": False})
+    interactive.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))
+    interactive.update_yaxes(range=[-0.02, 1.02])
+    interactive.update_layout(margin={"t": 110})
+    return fig, interactive

@@ -121,3 +121,29 @@ def _beats(means: pd.Series, budgets, where: str) -> list[dict]:
             records.append(dict(target=f"{where}: SnapKV > {rival} at budget {budget}",
                                 measured=f"{snap:.3f} vs {other:.3f} ({snap - other:+.3f})", met=bool(snap > other)))
     return records
+
+
+def accuracy_by_model(table: pd.DataFrame, mode: str | None = None) -> pd.DataFrame:
+    """Accuracy against budget per method for several models, from notebook 06's or 07's tables stacked with
+    a `model` column (`reporting.runs.read_across_models`).
+
+    mode: which compression mode (None: "question-aware" when present). With one task (the needle) the mean is
+    over prompts; with several (the suite) it is the unweighted mean over tasks of each task's mean score, as
+    `suite_means`, and the 95% bootstrap interval is over tasks. Returns one row per (model, method, budget; the
+    full cache has budget <NA>): model, mode, method, budget, mean, ci_low, ci_high, samples, over ("prompts"
+    or "tasks").
+    """
+    modes = sorted(set(table["mode"]))
+    mode = mode or ("question-aware" if "question-aware" in modes else modes[0])
+    part = table[table["mode"] == mode]
+    part = part.assign(budget=part.budget.astype("float").fillna(-1).astype(int))
+    if part.task.nunique() > 1:
+        part = part.groupby(["model", "method", "budget", "task"], as_index=False).score.mean()
+        over = "tasks"
+    else:
+        over = "prompts"
+    summary = summarize(part, ["model", "method", "budget"], "score")
+    summary["budget"] = summary.budget.replace(-1, pd.NA).astype("Int64")
+    order = list(dict.fromkeys(table.model))
+    summary = summary.assign(_model=summary.model.map(order.index)).sort_values(["_model", "method", "budget"])
+    return summary.drop(columns="_model").assign(mode=mode, over=over).reset_index(drop=True)

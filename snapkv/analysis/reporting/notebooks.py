@@ -114,13 +114,17 @@ def source_sha256(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def finished(notebook, out_dir, parameters: dict) -> bool:
+def finished(notebook, out_dir, parameters: dict, *, record_dir=None, part: str | None = None) -> bool:
     """True when ``notebook`` already ran into ``out_dir`` successfully, with these parameters and its
-    current source: the run record says so and the executed copy exists and carries no papermill error."""
+    current source: the run record says so and the executed copy exists and carries no papermill error.
+
+    record_dir, part: the run record's folder (default ``out_dir``) and the notebook's name in it (default
+    its file name; e.g. ``gemma-3-270m/01_hit_rate_along_generation.ipynb`` for a second model's pass)."""
     import nbformat
 
     notebook, out_dir = Path(notebook), Path(out_dir)
-    entry = read_run_record(out_dir).get("notebooks", {}).get(notebook.name)
+    record_dir = Path(record_dir) if record_dir is not None else out_dir
+    entry = read_run_record(record_dir).get("notebooks", {}).get(part or notebook.name)
     executed = out_dir / notebook.name
     if not entry or entry.get("status") != "ok" or not executed.is_file():
         return False
@@ -137,20 +141,24 @@ def finished(notebook, out_dir, parameters: dict) -> bool:
     return _normalized(papermill_metadata.get("parameters")) == _normalized(parameters)
 
 
-def skipped_row(notebook, out_dir) -> dict:
-    """The row of a notebook skipped because it had finished (its recorded outputs, status "skipped")."""
+def skipped_row(notebook, out_dir, *, record_dir=None, part: str | None = None) -> dict:
+    """The row of a notebook skipped because it had finished (its recorded outputs, status "skipped");
+    record_dir and part as in `finished`."""
     notebook, out_dir = Path(notebook), Path(out_dir)
-    entry = read_run_record(out_dir)["notebooks"][notebook.name]
+    record_dir = Path(record_dir) if record_dir is not None else out_dir
+    entry = read_run_record(record_dir)["notebooks"][part or notebook.name]
     html = out_dir / notebook.with_suffix(".html").name
-    return {"notebook": notebook.name, "status": "skipped", "seconds": entry.get("seconds"),
+    return {"notebook": part or notebook.name, "status": "skipped", "seconds": entry.get("seconds"),
             "executed": str(out_dir / notebook.name), "html": str(html) if html.is_file() else None, "error": None}
 
 
 def run_notebook(notebook, out_dir, parameters: dict, kernel_name: str = DEFAULT_KERNEL, *,
-                 execution_timeout: float | None = None) -> dict:
+                 execution_timeout: float | None = None, record_dir=None, part: str | None = None) -> dict:
     """Execute one notebook into ``out_dir`` (NAME.ipynb + NAME.html) and record it in the run record.
 
     execution_timeout: seconds one cell may run before the notebook fails (None: no limit).
+    record_dir, part: the run record's folder (default ``out_dir``) and the notebook's name in it (default its
+    file name); a notebook recorded elsewhere leaves the record's run-wide parameters as they are.
 
     Returns its row (notebook, status "ok"/"failed", seconds, executed, html, error); never raises for a
     failing notebook.
@@ -184,18 +192,20 @@ def run_notebook(notebook, out_dir, parameters: dict, kernel_name: str = DEFAULT
             html = export_html(executed)
         except Exception as failure:  # noqa: BLE001 (a failed export is reported with the notebook)
             error = error or f"HTML export failed: {type(failure).__name__}: {failure}"
+    record_dir = Path(record_dir) if record_dir is not None else out_dir
     row = {
-        "notebook": notebook.name,
+        "notebook": part or notebook.name,
         "status": "failed" if error else "ok",
         "seconds": round(seconds, 2),
         "executed": str(executed) if executed.is_file() else None,
         "html": str(html) if html else None,
         "error": error,
     }
-    update_run_record(out_dir, "notebooks", notebook.name, row | {
+    run_wide = {k: v for k, v in parameters.items() if k in ("quick", "reports_dir")}
+    update_run_record(record_dir, "notebooks", row["notebook"], row | {
         "parameters": parameters, "source": str(notebook.resolve()), "source_sha256": source_hash,
         "kernel": kernel_name, "finished_at": _now(),
-    }, parameters={k: v for k, v in parameters.items() if k in ("quick", "reports_dir")})
+    }, parameters=run_wide if record_dir.resolve() == out_dir.resolve() else None)
     return row
 
 

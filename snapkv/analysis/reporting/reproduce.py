@@ -1,8 +1,11 @@
 """`snapkv reproduce`: every notebook and benchmark into one folder, and one page that links it all.
 
-Parts, in order: each notebook of `notebook_dir` (papermill, see `snapkv.analysis.reporting.notebooks`), then each
-benchmark script found in `benchmark_dir` (default: the `benchmarks/` folder next to `notebook_dir`),
-run in a subprocess as `python SCRIPT --out <out>/benchmarks [--quick]` with its output in
+Parts, in order: each notebook of `notebook_dir` (papermill, see `snapkv.analysis.reporting.notebooks`) but
+those of `AFTER_MODEL_PASSES`; then each `MODEL_PASSES` entry: some notebooks again with another `model_name`, into
+`<out>/models/NAME/` (their own figures/ and pages; parts named `NAME/NOTEBOOK.ipynb`, "not run" when the model's
+wheels are missing, left out when the caller chose one model); then the `AFTER_MODEL_PASSES` notebooks (they read
+every pass's CSVs); then each benchmark script found in `benchmark_dir` (default: the `benchmarks/` folder next to
+`notebook_dir`), run in a subprocess as `python SCRIPT --out <out>/benchmarks [--quick]` with its output in
 `<out>/benchmarks/NAME.log`. A benchmark that needs CUDA is "not run" on a machine without it.
 
 Resumable: a part that finished ("ok") with the same parameters and the same source (notebook or script
@@ -25,11 +28,34 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from snapkv.analysis.reporting import notebooks as runner
+from snapkv.analysis.reporting import runs
 
 INDEX = "index.html"
 FIGURES = "figures"
 BENCHMARKS = "benchmarks"
 MODEL_PARAMETERS = ("model_name", "device", "dtype")  # which model the notebooks load, where, in which precision
+MODELS = runs.MODELS  # <out>/models/NAME/: a second model's pass
+
+
+@dataclass(frozen=True)
+class ModelPass:
+    """Notebooks (by stem) run a second time with `model_name`, into `<out>/models/<model_name>/`."""
+
+    model_name: str
+    notebooks: tuple[str, ...]
+
+    def folder(self, out_dir) -> Path:
+        return Path(out_dir) / MODELS / self.model_name
+
+    def part(self, notebook: Path) -> str:
+        return f"{self.model_name}/{notebook.name}"
+
+
+# the one list of second models and the notebooks each runs (issue #16: every headline figure on both models)
+MODEL_PASSES = (ModelPass("gemma-3-270m", ("01_hit_rate_along_generation", "03_questions_same_document",
+                                           "06_needle", "07_task_suite")),)
+# notebooks that compare the passes: they run after them
+AFTER_MODEL_PASSES = ("12_across_models",)
 
 
 @dataclass(frozen=True)
@@ -61,7 +87,8 @@ def reproduce(out_dir="reports", *, notebook_dir="notebooks", quick: bool = Fals
               progress: bool = True) -> pd.DataFrame:
     """Run every part (notebooks, then benchmarks) into `out_dir` and write `out_dir/index.html`.
 
-    model_name: passed as the `model_name` parameter to the notebooks that declare it (None: their default).
+    model_name: passed as the `model_name` parameter to the notebooks that declare it (None: their default, and
+    the `MODEL_PASSES` run too; a model given here means one model: no second-model pass).
     device, dtype: passed as the `device` / `dtype` parameters to the notebooks that declare them, e.g. "cuda"
     and "bfloat16" on a GPU (None: their default, CPU float32); checked before anything runs.
     parameters: extra papermill parameters for every notebook; notebooks that declare `interactive` get
@@ -83,20 +110,44 @@ def reproduce(out_dir="reports", *, notebook_dir="notebooks", quick: bool = Fals
     optional |= {name: value for name, value in zip(MODEL_PARAMETERS, (model_name, device, dtype)) if value is not None}
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    first = [notebook for notebook in notebooks if notebook.stem not in AFTER_MODEL_PASSES]
+    last = [notebook for notebook in notebooks if notebook.stem in AFTER_MODEL_PASSES]
+    passes = [] if model_name is not None else [
+        (model_pass, [notebook for notebook in notebooks if notebook.stem in model_pass.notebooks])
+        for model_pass in MODEL_PASSES]
+    total = len(notebooks) + sum(len(chosen) for _, chosen in passes) + len(benchmarks)
+
+    def notebook_part(notebook, folder, injected, part=None):
+        bar.set_postfix_str(part or notebook.name)
+        where = {"record_dir": out_dir, "part": part}
+        if not force and runner.finished(notebook, folder, injected, **where):
+            row = runner.skipped_row(notebook, folder, **where)
+        else:
+            row = runner.run_notebook(notebook, folder, injected, kernel_name, execution_timeout=execution_timeout,
+                                      **where)
+        rows.append({"part": row["notebook"], "kind": "notebook", "status": row["status"],
+                     "seconds": row["seconds"], "output": row["html"] or row["executed"], "error": row["error"]})
+        bar.update()
+
     rows = []
-    bar = tqdm(total=len(notebooks) + len(benchmarks), desc="reproduce", unit="part", disable=not progress)
+    bar = tqdm(total=total, desc="reproduce", unit="part", disable=not progress)
     try:
-        for notebook in notebooks:
-            bar.set_postfix_str(notebook.name)
-            injected = runner.notebook_parameters(notebook, common, optional)
-            if not force and runner.finished(notebook, out_dir, injected):
-                row = runner.skipped_row(notebook, out_dir)
-            else:
-                row = runner.run_notebook(notebook, out_dir, injected, kernel_name,
-                                          execution_timeout=execution_timeout)
-            rows.append({"part": row["notebook"], "kind": "notebook", "status": row["status"],
-                         "seconds": row["seconds"], "output": row["html"] or row["executed"], "error": row["error"]})
-            bar.update()
+        for notebook in first:
+            notebook_part(notebook, out_dir, runner.notebook_parameters(notebook, common, optional))
+        for model_pass, chosen in passes:
+            folder = model_pass.folder(out_dir)
+            missing = _missing_model(model_pass.model_name)
+            pass_common = runner.common_parameters(folder, quick=quick, parameters=parameters)
+            pass_optional = optional | {MODEL_PARAMETERS[0]: model_pass.model_name}
+            for notebook in chosen:
+                if missing:
+                    rows.append(_not_run_notebook(out_dir, model_pass.part(notebook), missing))
+                    bar.update()
+                    continue
+                injected = runner.notebook_parameters(notebook, pass_common, pass_optional)
+                notebook_part(notebook, folder, injected, model_pass.part(notebook))
+        for notebook in last:
+            notebook_part(notebook, out_dir, runner.notebook_parameters(notebook, common, optional))
         for benchmark in benchmarks:
             bar.set_postfix_str(benchmark.name)
             rows.append(_benchmark_part(benchmark, out_dir, quick, force))
@@ -116,6 +167,26 @@ def check_device(device: str | None, dtype: str | None) -> None:
         loading.check_device(device)
     if dtype is not None:
         loading.check_dtype(dtype)
+
+
+def _missing_model(model_name: str) -> str | None:
+    """Why an embedded model cannot load here (its wheels are missing: the message names the pip command), or
+    None when it can."""
+    from snapkv.core import loading
+
+    if model_name not in loading.EMBEDDED_MODELS:
+        return None  # a folder or hub id: the notebook says what is wrong, if anything
+    try:
+        loading.embedded_model_files(model_name)
+    except loading.MissingModelError as error:
+        return str(error)
+    return None
+
+
+def _not_run_notebook(out_dir: Path, part: str, reason: str) -> dict:
+    runner.update_run_record(out_dir, "notebooks", part, {"status": "not run", "seconds": None, "error": reason,
+                                                          "executed": None, "html": None, "finished_at": _now()})
+    return {"part": part, "kind": "notebook", "status": "not run", "seconds": None, "output": None, "error": reason}
 
 
 # -- benchmarks ------------------------------------------------------------------------------------
@@ -206,12 +277,15 @@ def _now() -> str:
 
 
 # -- the index page --------------------------------------------------------------------------------
-def figure_records(out_dir) -> list[dict]:
+def figure_records(out_dir, figures_dir=None) -> list[dict]:
     """Every `<out>/figures/*.json` written by `save_result` (name, settings, environment, rows), by name,
-    with the files found next to it ("png", "html", "csv", "json": paths relative to out_dir)."""
+    with the files found next to it ("png", "html", "csv", "json": paths relative to out_dir).
+    figures_dir: another folder of figures inside out_dir (e.g. `<out>/models/NAME/figures`)."""
     out_dir = Path(out_dir)
+    folder = Path(figures_dir) if figures_dir is not None else out_dir / FIGURES
+    prefix = folder.resolve().relative_to(out_dir.resolve()).as_posix()
     records = []
-    for path in sorted((out_dir / FIGURES).glob("*.json")):
+    for path in sorted(folder.glob("*.json")):
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as error:
@@ -219,7 +293,7 @@ def figure_records(out_dir) -> list[dict]:
         if not isinstance(record, dict):
             record = {"error": "not a save_result record"}
         record.setdefault("name", path.stem)
-        record["files"] = {kind: f"{FIGURES}/{path.stem}.{kind}" for kind in ("png", "html", "csv", "json")
+        record["files"] = {kind: f"{prefix}/{path.stem}.{kind}" for kind in ("png", "html", "csv", "json")
                            if (path.parent / f"{path.stem}.{kind}").is_file()}
         records.append(record)
     return records
@@ -259,7 +333,12 @@ def write_index(out_dir) -> Path:
         body.append(f"<h2 id='{_anchor(name)}'>{html.escape(name)} {_status(entry.get('status'))}</h2>")
         if entry.get("error"):
             body.append(f"<pre class='error'>{html.escape(str(entry['error']))}</pre>")
-        body += [_figure_block(figure) for figure in grouped.get(name, [])] or ["<p>No figures.</p>"]
+        shown = grouped.get(name, [])
+        if "/" in name:  # a second model's part: its figures are in <out>/models/MODEL/figures
+            model, notebook = name.split("/", 1)
+            shown = [figure for figure in figure_records(out_dir, out_dir / MODELS / model / FIGURES)
+                     if figure["name"].split("_", 1)[0] == notebook.split("_", 1)[0]]
+        body += [_figure_block(figure) for figure in shown] or ["<p>No figures.</p>"]
     if grouped.get(None):
         body.append("<h2>Other figures</h2>")
         body += [_figure_block(figure) for figure in grouped[None]]

