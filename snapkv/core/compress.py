@@ -62,6 +62,8 @@ class CompressionSession(Tap):
     prompt, ascending, counted from each row's first real token; -1 marks slots a short row left unused.
     """
 
+    user, effect = "snapkv.compress", "nothing was compressed"
+
     def __init__(self, model, policy: Policy, prefill_chunk_size: int | None = None):
         self.model = model
         self.policy = policy
@@ -69,7 +71,6 @@ class CompressionSession(Tap):
         self.kept_positions: dict[int, torch.Tensor] = {}
         self._layers: dict[int, _LayerPrefill] = {}
         self._cache = None
-        self._calls_this_forward = 0
         self._force_compress = False
 
     def compress_before_next_forward(self) -> None:
@@ -100,7 +101,6 @@ class CompressionSession(Tap):
 
     # -- model forward hooks ------------------------------------------------------------------
     def before_forward(self, module, args, kwargs):
-        self._calls_this_forward = 0
         self._cache = compat.forward_cache(kwargs)
         fresh = self._cache is None or self._cache.get_seq_length() == 0
         if _forward_length(args, kwargs) > 1:  # prefill: the mask is checked once per chunk, not per step
@@ -117,15 +117,9 @@ class CompressionSession(Tap):
 
     def after_forward(self, module, args, kwargs, output):
         self._force_compress = False
-        if self._calls_this_forward == 0:
-            raise RuntimeError(
-                "snapkv.compress saw no attention call during this forward: the model's attention does not "
-                "go through transformers' AttentionInterface, so nothing was compressed"
-            )
 
     # -- attention hook --------------------------------------------------------------------------
     def before_attention(self, call: AttentionCall) -> AttentionCall:
-        self._calls_this_forward += 1
         budget = self.policy.budget(call.layer)
         if call.sliding or budget is None:
             return call
@@ -195,6 +189,14 @@ def _prompt_positions(positions: torch.Tensor, padding: torch.Tensor | None) -> 
     return torch.where(positions >= 0, positions - first_real[:, None, None], -1)
 
 
+def _check_attention_seen(tap: Tap) -> None:
+    if tap.attention_calls == 0:
+        raise RuntimeError(
+            f"{tap.user} saw no attention call during this forward: the model's attention does not go through "
+            f"transformers' AttentionInterface, so {tap.effect}"
+        )
+
+
 @contextlib.contextmanager
 def attach(model, tap: Tap, *, prefill_chunk_size: int | None = None):
     """Route `model`'s attention through the snapkv hook while `tap` is active.
@@ -217,8 +219,10 @@ def attach(model, tap: Tap, *, prefill_chunk_size: int | None = None):
     if prefill_chunk_size is not None:
         chunker = compat.chunked_prefill_hook(prefill_chunk_size)
         handles.append(model.register_forward_pre_hook(chunker, with_kwargs=True, prepend=True))
+    handles.append(model.register_forward_pre_hook(lambda *_: setattr(tap, "attention_calls", 0)))
     handles.append(model.register_forward_pre_hook(tap.before_forward, with_kwargs=True))
     handles.append(model.register_forward_hook(tap.after_forward, with_kwargs=True))
+    handles.append(model.register_forward_hook(lambda *_: _check_attention_seen(tap)))
     token = ACTIVE_TAPS.set(ACTIVE_TAPS.get() + (tap,))
     try:
         yield tap

@@ -71,7 +71,13 @@ class Tap:
         after_attention(call)                every tap in entry order, all given that same last call
       after_forward(module, args, kwargs, output)   model forward hook, taps in entry order
     So a tap entered outside another one sees, in after_attention, the cache the kernel really used.
+    `attach` also counts each forward's attention calls per tap (`attention_calls`) and raises when a forward
+    made none: the model's attention bypassed the hook, so the tap would silently do nothing.
     """
+
+    user = "snapkv"  # who attached the tap, and what it would have done: named in the error above
+    effect = "nothing was done"
+    attention_calls = 0
 
     def before_forward(self, module, args, kwargs) -> None:
         pass
@@ -103,6 +109,8 @@ def snapkv_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         module=module, layer=module.layer_idx, query=query, key=key, value=value, mask=attention_mask,
         scaling=scaling or query.shape[-1] ** -0.5, sliding=sliding, past_length=key.shape[-2] - query.shape[-2],
     )
+    for tap in taps:
+        tap.attention_calls += 1
     for tap in taps:
         call = tap.before_attention(call)
     kernel_module = module

@@ -230,6 +230,8 @@ class Recorder(Tap):
     Built by `snapkv.record(...)`; see there for the arguments.
     """
 
+    user, effect = "snapkv.record", "nothing was recorded"
+
     def __init__(self, model, *, window_size: int = 32, generation: bool = True, max_bytes: int = 4 * 2**30,
                  reducer: str = "raw", reduce_window: int = 128, top_k: int = 32, max_new_tokens: int | None = None,
                  tokenizer=None, teacher_forced_prompt_length: int | None = None):
@@ -252,7 +254,6 @@ class Recorder(Tap):
         self.num_kv_heads = getattr(text_config, "num_key_value_heads", None) or self.num_heads
         self.traces: list[Trace] = []
         self._prompt: _Prompt | None = None
-        self._calls_this_forward = 0
         self._forward_past = 0
         self._forward_length = 0
 
@@ -274,7 +275,6 @@ class Recorder(Tap):
 
     # -- model forward hooks -------------------------------------------------------------------------
     def before_forward(self, module, args, kwargs):
-        self._calls_this_forward = 0
         ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         shaped = ids if ids is not None else embeds
@@ -320,16 +320,8 @@ class Recorder(Tap):
             prompt.real = real
         self._forward_past, self._forward_length = past, length
 
-    def after_forward(self, module, args, kwargs, output):
-        if self._calls_this_forward == 0:
-            raise RuntimeError(
-                "snapkv.record saw no attention call during this forward: the model's attention does not go "
-                "through transformers' AttentionInterface, so nothing was recorded"
-            )
-
     # -- attention hook ------------------------------------------------------------------------------
     def after_attention(self, call: AttentionCall) -> None:
-        self._calls_this_forward += 1
         prompt = self._prompt
         if prompt is None:
             return
