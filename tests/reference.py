@@ -26,15 +26,20 @@ AttentionInterface.register("masked_reference", masked_reference_attention)
 ALL_MASK_ATTENTION_FUNCTIONS.register("masked_reference", sdpa_mask)
 
 
+def visible_prompt(kept: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """(batch, cache_heads, prompt_len) bool: True at the kept positions of `kept` (batch, cache_heads, slots),
+    whose -1 entries (unused slots) mark nothing."""
+    visible = torch.zeros(*kept.shape[:2], prompt_len + 1, dtype=torch.bool)
+    return visible.scatter_(2, torch.where(kept >= 0, kept, prompt_len), True)[..., :prompt_len]
+
+
 def masked_decode_logits(model, tokens, prompt_len, kept_positions):
     """Logits of each decoding step (batch, steps, vocab): full-cache prefill of tokens[:, :prompt_len],
     then tokens fed one by one while each head sees only its kept prompt positions and the new tokens."""
     heads = model.config.num_attention_heads
     VISIBLE.clear()
     for layer, kept in kept_positions.items():
-        visible = torch.zeros(kept.shape[0], kept.shape[1], prompt_len, dtype=torch.bool)
-        visible.scatter_(2, kept, True)
-        VISIBLE[layer] = visible.repeat_interleave(heads // kept.shape[1], dim=1)
+        VISIBLE[layer] = visible_prompt(kept, prompt_len).repeat_interleave(heads // kept.shape[1], dim=1)
     previous = model.config._attn_implementation
     model.set_attn_implementation("masked_reference")
     try:

@@ -57,6 +57,15 @@ class CompressedLayer(DynamicLayer):
         mask = valid[:, :, None, :] & causal
         return mask.repeat_interleave(query_heads // mask.shape[1], dim=1)
 
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """What rebuilds this layer (`from_state`; a KV pack on disk): its tensors and its plain settings."""
+        return ({"keys": self.keys, "values": self.values, "positions": self.positions},
+                {"prompt_length": self.prompt_length, "groups": self.groups})
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], settings: dict) -> "CompressedLayer":
+        return cls(tensors["keys"], tensors["values"], tensors["positions"], **settings)
+
     def crop(self, *args, **kwargs):
         raise NotImplementedError("a compressed cache layer cannot be cropped (assisted decoding is unsupported)")
 
@@ -67,3 +76,48 @@ class CompressedLayer(DynamicLayer):
     def batch_repeat_interleave(self, repeats: int):
         super().batch_repeat_interleave(repeats)
         self.positions = self.positions.repeat_interleave(repeats, dim=0)
+
+
+class RaggedLayer(CompressedLayer):
+    """A compressed prompt whose heads keep different numbers of positions (AdaKV).
+
+    The kept prompt slots are stored flat, `prompt_keys` / `prompt_values` (kept slots of every row and head,
+    head_dim), so the layer holds what the heads keep, not the most any head keeps; `keys` / `values` hold the
+    decoded tokens only. Each attention call gets a padded view (batch, cache_heads, widest head + decoded,
+    head_dim) whose padding slots are -1 in `slot_positions` and masked, built for that call only.
+    """
+
+    def __init__(self, keys, values, positions, prompt_length: int, groups: int):
+        width = positions.shape[-1]
+        super().__init__(keys[:, :, width:], values[:, :, width:], positions, prompt_length, groups)
+        self.kept = positions >= 0
+        self.prompt_keys, self.prompt_values = keys[:, :, :width][self.kept], values[:, :, :width][self.kept]
+        self.appended = keys.shape[-2] - width
+
+    def _padded(self, flat: torch.Tensor) -> torch.Tensor:
+        out = flat.new_zeros(*self.kept.shape, flat.shape[-1])
+        out[self.kept] = flat
+        return out
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        keys, values = super().update(key_states, value_states)
+        return (torch.cat([self._padded(self.prompt_keys), keys], dim=-2),
+                torch.cat([self._padded(self.prompt_values), values], dim=-2))
+
+    def mean_slots(self) -> float:
+        """Slots per cache head, averaged over rows and heads (kept prompt positions + decoded tokens)."""
+        return float(self.kept.sum()) / self.kept[..., 0].numel() + self.appended
+
+    def _reselect(self, change) -> None:
+        """Apply a batch change (select or repeat rows) to the flat prompt slots through their padded view."""
+        keys, values = change(self._padded(self.prompt_keys)), change(self._padded(self.prompt_values))
+        self.kept = change(self.kept)
+        self.prompt_keys, self.prompt_values = keys[self.kept], values[self.kept]
+
+    def batch_select_indices(self, indices):
+        self._reselect(lambda tensor: tensor[indices])
+        super().batch_select_indices(indices)
+
+    def batch_repeat_interleave(self, repeats: int):
+        self._reselect(lambda tensor: tensor.repeat_interleave(repeats, dim=0))
+        super().batch_repeat_interleave(repeats)

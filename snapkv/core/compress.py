@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from snapkv.core import compat
-from snapkv.core.cache import CompressedLayer
+from snapkv.core.cache import CompressedLayer, RaggedLayer
 from snapkv.core.hook import ACTIVE_TAPS, ATTN_IMPLEMENTATION, AttentionCall, Tap, check_left_padding
 from snapkv.core.policies import Policy, PrefillView, accumulate, check_int
 
@@ -72,6 +72,7 @@ class CompressionSession(Tap):
         self._layers: dict[int, _LayerPrefill] = {}
         self._cache = None
         self._force_compress = False
+        self.compressed_layers = full_attention_layers(model.config)  # the layers a policy may compress
 
     def compress_before_next_forward(self) -> None:
         """Treat the prompt as complete: the next forward (of any length) runs on the compressed cache.
@@ -120,8 +121,7 @@ class CompressionSession(Tap):
 
     # -- attention hook --------------------------------------------------------------------------
     def before_attention(self, call: AttentionCall) -> AttentionCall:
-        budget = self.policy.budget(call.layer)
-        if call.sliding or budget is None:
+        if call.sliding or self.policy.budget(call.layer) is None:
             return call
         layer_cache = self._cache.layers[call.layer] if self._cache is not None else None
         if isinstance(layer_cache, CompressedLayer) and call.past_length > 0:
@@ -137,7 +137,7 @@ class CompressionSession(Tap):
         if state is not None and state.done:
             return call
         if state is not None and (call.query_length == 1 or self._force_compress):
-            return self._compress(call, state, budget)
+            return self._compress(call, state)
         self._layers[call.layer] = self._observe(call, state)
         return call
 
@@ -153,9 +153,14 @@ class CompressionSession(Tap):
             padding_mask=padding, accumulated=accumulated,
         )
 
-    def _compress(self, call: AttentionCall, state: _LayerPrefill, budget: int) -> AttentionCall:
+    def _compress(self, call: AttentionCall, state: _LayerPrefill) -> AttentionCall:
         n = call.past_length
         state.done = True
+        layers = self.compressed_layers if call.layer in self.compressed_layers else (call.layer,)
+
+        def budget(length: int) -> int:  # of a row of `length` real tokens
+            return self.policy.layer_budget(call.layer, length, layers)
+
         padding = state.padding_mask
         if padding is not None:
             padding = padding[:, :n]
@@ -164,7 +169,7 @@ class CompressionSession(Tap):
                            scaling=call.scaling, accumulated=state.accumulated)
         positions = self.policy.kept_positions(view, budget)
         self.kept_positions[call.layer] = _prompt_positions(positions, padding)
-        if n <= budget:
+        if n <= budget(n):
             return call  # the budget covers the prompt: keep the cache as it is
         groups = positions.shape[1] // call.key.shape[1]
         keys, values = call.key, call.value
@@ -173,12 +178,21 @@ class CompressionSession(Tap):
         index = positions.clamp(min=0)[..., None].expand(-1, -1, -1, keys.shape[-1])
         new_keys = torch.cat([keys[:, :, :n].gather(2, index), keys[:, :, n:]], dim=2)
         new_values = torch.cat([values[:, :, :n].gather(2, index), values[:, :, n:]], dim=2)
-        layer = CompressedLayer(new_keys, new_values, positions, prompt_length=n, groups=groups)
+        kind = RaggedLayer if self.policy.per_head_slots else CompressedLayer
+        layer = kind(new_keys, new_values, positions, prompt_length=n, groups=groups)
         self._cache.layers[call.layer] = layer
         return call.with_kv(
             key=new_keys, value=new_values, mask=layer.attention_mask(call.query_length, call.query.shape[1]),
             slot_positions=layer.slot_positions(),
         )
+
+
+def full_attention_layers(config) -> tuple[int, ...]:
+    """Indices of the layers that attend over the whole prompt (not sliding-window or chunked layers, which a
+    policy never compresses), from the config's `layer_types` when it has them."""
+    config = config.get_text_config()
+    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    return tuple(i for i, kind in enumerate(types) if kind not in ("sliding_attention", "chunked_attention"))
 
 
 def _prompt_positions(positions: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:

@@ -5,6 +5,7 @@ which (`select`). `select` gets a `PrefillView` and returns long (batch, cache_h
 positions, ascending; the compression session gathers keys/values with it.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -13,10 +14,14 @@ from snapkv.core.selection import (
     GQA_MODES,
     POOLINGS,
     accumulated_attention,
+    adaptive_positions,
+    chunk_positions,
+    pyramid_budgets,
     select_per_row,
-    select_positions,
+    snapkv_scores,
     streaming_positions,
     top_positions,
+    window_votes,
 )
 
 
@@ -74,11 +79,17 @@ class Policy:
 
     window_size: int = 0  # last prompt queries a policy needs to see
     needs_accumulated_attention: bool = False
+    per_head_slots: bool = False  # heads keep different numbers of positions (stored ragged: RaggedLayer)
 
     def budget(self, layer: int) -> int | None:
         """Prompt positions layer `layer` keeps; None keeps everything."""
         budget = getattr(self, "max_capacity_prompt", None)
         return budget[layer] if isinstance(budget, tuple) else budget
+
+    def layer_budget(self, layer: int, prompt_length: int, compressed_layers: tuple[int, ...]) -> int | None:
+        """Prompt positions `layer` keeps of a `prompt_length`-token prompt; `compressed_layers` lists the layers
+        the policy may compress (every full-attention layer). Default: `budget(layer)`."""
+        return self.budget(layer)
 
     def cache_heads(self, heads: int, kv_heads: int) -> int:
         return kv_heads
@@ -96,17 +107,18 @@ class Policy:
         with no padding."""
         raise NotImplementedError
 
-    def kept_positions(self, view: PrefillView, budget: int) -> torch.Tensor:
+    def kept_positions(self, view: PrefillView, budget: int | Callable[[int], int]) -> torch.Tensor:
         """Kept input positions (batch, cache_heads, min(n, budget)), ascending; padded batches are
-        selected row by row on real tokens, and slots a short row leaves empty are -1."""
+        selected row by row on real tokens, and slots a short row leaves empty are -1. `budget` may be a
+        function of the prompt's length (PyramidKV's budgets are), called with each row's real length."""
+        budget_of = budget if callable(budget) else lambda length: budget
         if view.padding_mask is None:
-            if view.length <= budget:
+            if view.length <= budget_of(view.length):
                 heads = self.cache_heads(view.query_window.shape[1], view.keys.shape[1])
                 return torch.arange(view.length, device=view.keys.device).expand(view.keys.shape[0], heads, -1)
-            return self.select(view, budget)
-        return select_per_row(
-            lambda row, real: self.kept_positions(view.row(row, real), budget)[0], view.padding_mask, budget
-        )
+            return self.select(view, budget_of(view.length))
+        return select_per_row(lambda row, real: self.kept_positions(view.row(row, real), budget_of)[0],
+                              view.padding_mask, budget_of(view.length))
 
 
 @dataclass(frozen=True)
@@ -144,10 +156,76 @@ class SnapKV(Policy):
         return heads if self.gqa == "expand" else kv_heads
 
     def select(self, view: PrefillView, budget: int) -> torch.Tensor:
-        return select_positions(
-            view.query_window, view.keys, window_size=self.window_size, max_capacity_prompt=budget,
-            kernel_size=self.kernel_size, pooling=self.pooling, gqa=self.gqa, scaling=view.scaling,
-        )
+        return self.select_from_votes(window_votes(view.query_window, view.keys, scaling=view.scaling), budget,
+                                      view.keys.shape[1])
+
+    def select_from_votes(self, votes: torch.Tensor, budget: int, kv_heads: int) -> torch.Tensor:
+        """Kept positions (batch, cache_heads, budget) from the window's votes per query head (batch, heads,
+        n - window): the step every SnapKV-family policy does its own way (the explorer calls it on a trace)."""
+        scores = snapkv_scores(votes, kv_heads, kernel_size=self.kernel_size, pooling=self.pooling, gqa=self.gqa)
+        return top_positions(scores, budget - self.window_size, self.window_size)
+
+
+@dataclass(frozen=True)
+class AdaKV(SnapKV):
+    """Ada-KV on SnapKV's votes (Feng et al., 2024): the heads of a layer share its budget. Every head keeps the
+    window and its top `alpha_safeguard` share of an even split; the remaining slots go to the highest votes of
+    any head, so heads with concentrated attention leave slots to heads whose attention is spread. The cache
+    holds each head's own number of slots (`RaggedLayer`)."""
+
+    alpha_safeguard: float = 0.2
+    per_head_slots = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.alpha_safeguard <= 1.0:
+            raise ValueError(f"alpha_safeguard must be within [0, 1], got {self.alpha_safeguard}")
+
+    def select_from_votes(self, votes: torch.Tensor, budget: int, kv_heads: int) -> torch.Tensor:
+        scores = snapkv_scores(votes, kv_heads, kernel_size=self.kernel_size, pooling=self.pooling, gqa=self.gqa)
+        return adaptive_positions(scores, budget - self.window_size, self.window_size, self.alpha_safeguard)
+
+
+@dataclass(frozen=True)
+class PyramidKV(SnapKV):
+    """PyramidKV (Cai et al., 2024): SnapKV's selection with budgets that fall linearly with depth, from
+    2K - K/beta prefix slots in the first compressed layer to K/beta in the last (K = max_capacity_prompt -
+    window_size), about the same total as SnapKV at max_capacity_prompt (`selection.pyramid_budgets`).
+    Depth counts compressed layers only (Gemma 3's sliding-window layers are never compressed)."""
+
+    max_capacity_prompt: int = 1024
+    beta: int = 20
+
+    def __post_init__(self):
+        if isinstance(self.max_capacity_prompt, (list, tuple)):
+            raise TypeError("PyramidKV sets the per-layer budgets itself: give max_capacity_prompt as one int")
+        super().__post_init__()
+        check_int("beta", self.beta, 1)
+
+    def layer_budget(self, layer: int, prompt_length: int, compressed_layers: tuple[int, ...]) -> int:
+        budgets = pyramid_budgets(self.max_capacity_prompt, self.window_size, prompt_length,
+                                  len(compressed_layers), self.beta)
+        return budgets[compressed_layers.index(layer)]
+
+
+@dataclass(frozen=True)
+class ChunkKV(SnapKV):
+    """ChunkKV (Liu et al., 2025): SnapKV's votes summed over the heads of a layer and over chunks of
+    `chunk_size` consecutive tokens; whole chunks are kept, the same for every head, so a value that spans
+    several tokens is kept or dropped together."""
+
+    chunk_size: int = 10
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_int("chunk_size", self.chunk_size, 1)
+        if self.gqa == "expand":
+            raise ValueError('ChunkKV keeps the same chunks for every head: gqa="expand" would only copy them; '
+                             'use gqa="mean"')
+
+    def select_from_votes(self, votes: torch.Tensor, budget: int, kv_heads: int) -> torch.Tensor:
+        scores = snapkv_scores(votes, kv_heads, kernel_size=self.kernel_size, pooling=self.pooling, gqa="expand")
+        return chunk_positions(scores, budget - self.window_size, self.window_size, self.chunk_size)[:, :kv_heads]
 
 
 @dataclass(frozen=True)

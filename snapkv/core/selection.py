@@ -97,36 +97,31 @@ def select_per_row(select_row, padding_mask: torch.Tensor, budget: int) -> torch
     """Select on each row's real tokens alone, so a padded batch keeps what its rows keep alone.
 
     select_row(row, real) -> long (cache_heads, k) indices into `real` (the row's real positions).
-    padding_mask: (batch, n) bool. Returns long (batch, cache_heads, min(n, budget)) input positions,
-    ascending; a row with fewer real tokens than the budget keeps them all and fills the front with -1.
+    padding_mask: (batch, n) bool. Returns long (batch, cache_heads, width) input positions, ascending, width
+    min(n, budget) (more when a policy's heads keep different numbers, as AdaKV's: the most any row holds);
+    a row that keeps fewer (fewer real tokens than the budget: it keeps them all) fills the front with -1.
     """
-    width = min(padding_mask.shape[-1], budget)
-    rows = []
+    kept = []
     for row, mask in enumerate(padding_mask):
         real = mask.nonzero().squeeze(-1)
-        kept = real[select_row(row, real)]
-        rows.append(F.pad(kept, (width - kept.shape[-1], 0), value=-1))
-    return torch.stack(rows)
+        chosen = select_row(row, real)
+        kept.append(torch.where(chosen >= 0, real[chosen.clamp(min=0)], -1))
+    width = max(min(padding_mask.shape[-1], budget), *(k.shape[-1] for k in kept))
+    return torch.stack([F.pad(k, (width - k.shape[-1], 0), value=-1) for k in kept])
 
 
-def snapkv_scores(
-    query_window: torch.Tensor,
-    keys: torch.Tensor,
-    *,
-    kernel_size: int,
-    pooling: str,
-    gqa: str = "mean",
-    scaling: float | None = None,
-) -> torch.Tensor:
-    """Votes of the observation window for every prefix position, per cache head.
-
-    Returns float32 (batch, cache_heads, n - window): summed window attention (step 3),
-    pooled (step 4), aggregated over GQA groups.
-    """
+def window_votes(query_window: torch.Tensor, keys: torch.Tensor, *, scaling: float | None = None) -> torch.Tensor:
+    """Votes of the observation window for every prefix position, per query head (Algorithm 1, step 3):
+    float32 (batch, heads, n - window), the window's attention summed over its queries."""
     window = query_window.shape[-2]
-    probs = observation_attention(query_window, keys, scaling=scaling)
-    votes = probs[..., :-window].sum(dim=-2)
-    return aggregate_gqa(pool_scores(votes, kernel_size, pooling), keys.shape[1], gqa)
+    return observation_attention(query_window, keys, scaling=scaling)[..., :-window].sum(dim=-2)
+
+
+def snapkv_scores(votes: torch.Tensor, kv_heads: int, *, kernel_size: int, pooling: str, gqa: str = "mean"
+                  ) -> torch.Tensor:
+    """Votes per query head (batch, heads, prefix) -> SnapKV's scores per cache head: pooled (step 4), then
+    aggregated over GQA groups. float32 (batch, cache_heads, prefix)."""
+    return aggregate_gqa(pool_scores(votes, kernel_size, pooling), kv_heads, gqa)
 
 
 def select_positions(
@@ -164,9 +159,8 @@ def select_positions(
         )
     if n <= max_capacity_prompt:
         return torch.arange(n, device=keys.device).expand(batch, cache_heads, n)
-    scores = snapkv_scores(
-        query_window, keys, kernel_size=kernel_size, pooling=pooling, gqa=gqa, scaling=scaling,
-    )
+    scores = snapkv_scores(window_votes(query_window, keys, scaling=scaling), keys.shape[1], kernel_size=kernel_size,
+                           pooling=pooling, gqa=gqa)
     return top_positions(scores, max_capacity_prompt - window_size, window_size)
 
 
@@ -207,3 +201,62 @@ def accumulated_attention(
 def streaming_positions(n: int, budget: int, sink_size: int) -> torch.Tensor:
     """StreamingLLM: the first `sink_size` positions (attention sinks) and the most recent ones. (budget,)."""
     return torch.cat([torch.arange(sink_size), torch.arange(n - (budget - sink_size), n)])
+
+
+def adaptive_positions(scores: torch.Tensor, k: int, tail: int, alpha_safeguard: float) -> torch.Tensor:
+    """AdaKV: the layer's heads share `heads x k` prefix slots; each head first gets its top
+    `int(alpha_safeguard x k)` positions, then the rest go to the highest scores of any head.
+
+    scores: (batch, cache_heads, n - tail). Returns long (batch, cache_heads, most + tail): each head's kept
+    prefix positions ascending, front-filled with -1 up to the head that keeps the most, then the last `tail`.
+    """
+    b, h, prefix = scores.shape
+    safe = int(alpha_safeguard * k)
+    scores = scores.clone()
+    if safe:
+        scores.scatter_(-1, scores.topk(safe, dim=-1).indices, float("inf"))
+    chosen = torch.zeros(b, h * prefix, dtype=torch.bool, device=scores.device)
+    chosen[torch.arange(b, device=scores.device)[:, None], scores.reshape(b, -1).topk(h * k, dim=-1).indices] = True
+    chosen = chosen.reshape(b, h, prefix)
+    most = int(chosen.sum(-1).max())
+    marked = torch.where(chosen, torch.arange(prefix, device=scores.device), -1)
+    kept = marked.sort(dim=-1).values[..., prefix - most :]  # -1 sorts first: each head's kept positions last
+    window = torch.arange(prefix, prefix + tail, device=scores.device).expand(b, h, tail)
+    return torch.cat([kept, window], dim=-1)
+
+
+def chunk_positions(scores: torch.Tensor, k: int, tail: int, chunk_size: int) -> torch.Tensor:
+    """ChunkKV: whole chunks of `chunk_size` consecutive prefix positions, ranked by their score summed over
+    the chunk and every head; the same positions for every head. The lowest-ranked chunk that fits only in
+    part keeps its best-scoring positions, so exactly k prefix positions are kept.
+
+    scores: (batch, heads, n - tail). Returns long (batch, heads, k + tail), ascending.
+    """
+    b, h, prefix = scores.shape
+    summed = scores.sum(dim=1)  # (batch, prefix)
+    chunk = torch.arange(prefix, device=scores.device) // chunk_size
+    chunk_scores = torch.zeros(b, int(chunk[-1]) + 1, device=scores.device).index_add_(1, chunk, summed)
+    rank = torch.empty_like(chunk_scores, dtype=torch.long).scatter_(
+        1, chunk_scores.argsort(dim=-1, descending=True, stable=True),
+        torch.arange(chunk_scores.shape[1], device=scores.device).expand(b, -1))
+    order = summed.argsort(dim=-1, descending=True, stable=True)  # positions by their own score ...
+    order = order.gather(1, rank.gather(1, chunk[order]).argsort(dim=-1, stable=True))  # ... within chunk rank
+    top = order[:, :k].sort(dim=-1).values
+    window = torch.arange(prefix, prefix + tail, device=scores.device).expand(b, tail)
+    return torch.cat([top, window], dim=-1)[:, None].expand(b, h, k + tail)
+
+
+def pyramid_budgets(budget: int, window_size: int, prompt_length: int, layers: int, beta: int) -> list[int]:
+    """PyramidKV's per-layer budgets (window included), first layer to last: an arithmetic sequence of
+    prefix slots from 2K - K/beta down to K/beta (K = budget - window_size), capped at the prompt's prefix
+    and then mirrored around K, so that the layers keep about `layers x budget` slots in all."""
+    if layers == 1:
+        return [budget]
+    k = budget - window_size
+    least = k // beta
+    most = 2 * k - least
+    if most >= prompt_length - window_size:
+        most = prompt_length - window_size
+        least = 2 * k - most
+    step = (most - least) // (layers - 1)
+    return [most - layer * step + window_size for layer in range(layers)]

@@ -164,16 +164,17 @@ class Trace:
         """Prompt positions the compressed cache of `layer` held, per cache head, ascending.
 
         long (batch, cache_heads, kept) input positions, -1 for slots a short row left unused; with `row`:
-        (cache_heads, kept_i) in that row's prompt positions. None when the layer's cache was not compressed
-        (no compression, a sliding-window layer, or a budget covering the whole prompt).
+        (cache_heads, kept_i) in that row's prompt positions (AdaKV's heads keep different numbers: a head that
+        keeps fewer starts with -1). None when the layer's cache was not compressed (no compression, a
+        sliding-window layer, or a budget covering the whole prompt).
         """
         self._check_layer(layer)
         kept = self.tensors.get(f"kept_positions.{layer}")
         if kept is None or row is None:
             return kept
         mine = kept[row]
-        real = mine[mine >= 0].view(mine.shape[0], -1)
-        return real - self._row_span(row)[0]
+        mine = mine[:, mine.shape[-1] - int((mine >= 0).sum(-1).max()):]  # unused slots come first in every head
+        return torch.where(mine >= 0, mine - self._row_span(row)[0], -1)
 
     # -- disk ----------------------------------------------------------------------------------------
     def save(self, path, *, overwrite: bool = False) -> Path:

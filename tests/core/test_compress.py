@@ -29,14 +29,18 @@ def greedy(model, ids, steps=6, **kwargs):
     return out.sequences, torch.stack(out.scores, dim=1)
 
 
+VOTING = (snapkv.SnapKV, snapkv.AdaKV, snapkv.PyramidKV, snapkv.ChunkKV)  # policies with SnapKV's arguments
+
+
 def test_budget_covering_prompt_changes_nothing(model):
     ids = prompt_ids()
     tokens, logits = greedy(model, ids)
-    for budget in (PROMPT, PROMPT + 50):
-        with snapkv.compress(model, snapkv.SnapKV(window_size=8, max_capacity_prompt=budget, kernel_size=3)):
-            tokens_c, logits_c = greedy(model, ids)
-        assert torch.equal(tokens, tokens_c)
-        assert torch.allclose(logits, logits_c, atol=1e-5, rtol=0)
+    for kind in VOTING:
+        for budget in (PROMPT, PROMPT + 50):
+            with snapkv.compress(model, kind(window_size=8, max_capacity_prompt=budget, kernel_size=3)):
+                tokens_c, logits_c = greedy(model, ids)
+            assert torch.equal(tokens, tokens_c), kind.__name__
+            assert torch.allclose(logits, logits_c, atol=1e-5, rtol=0)
     assert model.config._attn_implementation == "sdpa"
 
 
@@ -50,7 +54,12 @@ def test_budget_covering_prompt_changes_nothing(model):
     snapkv.StreamingLLM(max_capacity_prompt=20),
     snapkv.RandomEviction(max_capacity_prompt=20, window_size=8),
     snapkv.H2O(max_capacity_prompt=20, window_size=8),
-], ids=["snapkv-mean", "snapkv-expand-avg", "snapkv-per-layer-max", "streaming", "random", "h2o"])
+    snapkv.AdaKV(window_size=8, max_capacity_prompt=24, kernel_size=3),
+    snapkv.AdaKV(window_size=8, max_capacity_prompt=24, kernel_size=1, gqa="expand", alpha_safeguard=0.0),
+    snapkv.PyramidKV(window_size=8, max_capacity_prompt=24, kernel_size=3, beta=4),
+    snapkv.ChunkKV(window_size=8, max_capacity_prompt=24, kernel_size=3, chunk_size=5),
+], ids=["snapkv-mean", "snapkv-expand-avg", "snapkv-per-layer-max", "streaming", "random", "h2o", "adakv",
+        "adakv-expand-nofloor", "pyramidkv", "chunkkv"])
 def test_compressed_decoding_equals_masked_full_cache(model, policy):
     ids = prompt_ids()
     with snapkv.compress(model, policy) as session:
@@ -63,24 +72,28 @@ def test_compressed_decoding_equals_masked_full_cache(model, policy):
 SNAP = snapkv.SnapKV(window_size=8, max_capacity_prompt=24, kernel_size=3)
 
 
-def test_left_padded_batch_equals_rows_alone(model):
+@pytest.mark.parametrize("policy", [SNAP, snapkv.AdaKV(window_size=8, max_capacity_prompt=24, kernel_size=3),
+                                    snapkv.PyramidKV(window_size=8, max_capacity_prompt=24, kernel_size=3, beta=4),
+                                    snapkv.ChunkKV(window_size=8, max_capacity_prompt=24, chunk_size=5)],
+                         ids=["snapkv", "adakv", "pyramidkv", "chunkkv"])
+def test_left_padded_batch_equals_rows_alone(model, policy):
     lengths = (60, 45, 20)  # the last row is shorter than the budget: kept whole, nothing else
     rows = [prompt_ids(1, n, seed=n) for n in lengths]
     width = max(lengths)
     ids = torch.cat([torch.cat([torch.zeros(1, width - r.shape[1], dtype=torch.long), r], 1) for r in rows])
     mask = torch.cat([torch.cat([torch.zeros(1, width - r.shape[1], dtype=torch.long),
                                  torch.ones_like(r)], 1) for r in rows])
-    with snapkv.compress(model, SNAP) as session:
+    with snapkv.compress(model, policy) as session:
         batched, batched_logits = greedy(model, ids, attention_mask=mask)
         batched_kept = dict(session.kept_positions)
     for i, row in enumerate(rows):
-        with snapkv.compress(model, SNAP) as session:
+        with snapkv.compress(model, policy) as session:
             alone, alone_logits = greedy(model, row)
         assert torch.equal(batched[i, width:], alone[0, row.shape[1]:])
         assert torch.allclose(batched_logits[i], alone_logits[0], atol=1e-4, rtol=0)
         for layer, kept in batched_kept.items():
-            real = kept[i][kept[i] >= 0].view(kept.shape[1], -1)
-            assert torch.equal(real, session.kept_positions[layer][0])
+            for head, alone_head in zip(kept[i], session.kept_positions[layer][0], strict=True):
+                assert torch.equal(head[head >= 0], alone_head[alone_head >= 0])
 
 
 def test_no_state_leaks_between_calls_or_after_the_block(model):

@@ -6,6 +6,7 @@ from contextlib import ExitStack
 
 import pytest
 import torch
+from reference import visible_prompt
 from tiny_models import FAMILIES, tiny_model
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -186,7 +187,11 @@ ALL_MASK_ATTENTION_FUNCTIONS.register("record_masked_probe", sdpa_mask)
 
 
 @pytest.mark.parametrize("policy", [SNAP, snapkv.SnapKV(window_size=WINDOW, max_capacity_prompt=20, gqa="expand"),
-                                    snapkv.StreamingLLM(max_capacity_prompt=16)], ids=["mean", "expand", "streaming"])
+                                    snapkv.StreamingLLM(max_capacity_prompt=16),
+                                    snapkv.AdaKV(window_size=WINDOW, max_capacity_prompt=20, kernel_size=3),
+                                    snapkv.PyramidKV(window_size=WINDOW, max_capacity_prompt=20, kernel_size=3),
+                                    snapkv.ChunkKV(window_size=WINDOW, max_capacity_prompt=20, chunk_size=4)],
+                         ids=["mean", "expand", "streaming", "adakv", "pyramidkv", "chunkkv"])
 def test_compressed_rows_equal_masked_full_cache(model, policy):
     ids = prompt_ids()
     with snapkv.compress(model, policy), snapkv.record(model, window_size=WINDOW) as rec:
@@ -198,8 +203,7 @@ def test_compressed_rows_equal_masked_full_cache(model, policy):
     PROBE["visible"].clear(), PROBE["rows"].clear()
     for layer in compressed:
         kept = trace.kept_positions(layer)
-        visible = torch.zeros(*kept.shape[:2], PROMPT, dtype=torch.bool).scatter_(2, kept, True)
-        PROBE["visible"][layer] = visible.repeat_interleave(heads // kept.shape[1], dim=1)
+        PROBE["visible"][layer] = visible_prompt(kept, PROMPT).repeat_interleave(heads // kept.shape[1], dim=1)
     model.set_attn_implementation("record_masked_probe")
     try:
         cache = model(tokens[:, :PROMPT], use_cache=True).past_key_values

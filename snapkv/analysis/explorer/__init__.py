@@ -8,6 +8,7 @@ from snapkv.analysis.explorer.figures import (
     static_figure,
 )
 from snapkv.analysis.explorer.tables import (
+    EXPLORER_METHODS,
     cache_head_of,
     default_budget,
     default_gqa,
@@ -17,6 +18,7 @@ from snapkv.analysis.explorer.tables import (
     generation_table,
     head_table,
     kept_attention_table,
+    kept_mask,
     kept_positions,
     kv_heads_of,
     load_tokenizer,
@@ -25,7 +27,8 @@ from snapkv.analysis.explorer.tables import (
 )
 
 __all__ = [
-    "load_tokenizer", "token_labels", "kv_heads_of", "window_votes", "kept_positions", "default_gqa",
+    "load_tokenizer", "token_labels", "kv_heads_of", "window_votes", "kept_positions", "kept_mask", "default_gqa",
+    "EXPLORER_METHODS",
     "cache_head_of", "generation_rows", "head_table", "generation_table", "kept_attention_table",
     "generation_rows_or_none", "default_layer", "default_budget", "MAX_HOVER_CELLS", "explorer_figure",
     "static_figure", "kept_attention_figure",

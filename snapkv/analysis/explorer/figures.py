@@ -44,7 +44,8 @@ def _panels(trace: Trace, layer: int, head: int, *, row: int, **settings):
 
 
 def explorer_figure(trace: Trace, layer: int, head: int, *, budget: int, window_size: int | None = None,
-                    kernel_size: int = 7, pooling: str = "maxpool", gqa: str | None = None, kv_heads: int | None = None,
+                    kernel_size: int = 7, pooling: str = "maxpool", method: str = "snapkv", gqa: str | None = None,
+                    kv_heads: int | None = None,
                     tokenizer=None, row: int = 0):
     """Plotly figure, x = prompt position in three aligned panels: the window's votes (pooled score) with the
     kept positions marked; each generated row's attention (heatmap); generation's mean attention with the kept
@@ -53,7 +54,8 @@ def explorer_figure(trace: Trace, layer: int, head: int, *, budget: int, window_
     from plotly.subplots import make_subplots
 
     table, generated, steps = _panels(trace, layer, head, budget=budget, window_size=window_size,
-                                      kernel_size=kernel_size, pooling=pooling, gqa=gqa, kv_heads=kv_heads,
+                                      kernel_size=kernel_size, pooling=pooling, method=method, gqa=gqa,
+                                      kv_heads=kv_heads,
                                       tokenizer=tokenizer, row=row)
     kept = table[table.kept]
     tokens = table.token.to_numpy()
@@ -106,14 +108,16 @@ def explorer_figure(trace: Trace, layer: int, head: int, *, budget: int, window_
 
 
 def static_figure(trace: Trace, layer: int, head: int, *, budget: int, window_size: int | None = None,
-                  kernel_size: int = 7, pooling: str = "maxpool", gqa: str | None = None, kv_heads: int | None = None,
+                  kernel_size: int = 7, pooling: str = "maxpool", method: str = "snapkv", gqa: str | None = None,
+                  kv_heads: int | None = None,
                   tokenizer=None, row: int = 0):
     """The same three panels as `explorer_figure`, in matplotlib/seaborn (for PNG and headless runs)."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
     table, generated, steps = _panels(trace, layer, head, budget=budget, window_size=window_size,
-                                      kernel_size=kernel_size, pooling=pooling, gqa=gqa, kv_heads=kv_heads,
+                                      kernel_size=kernel_size, pooling=pooling, method=method, gqa=gqa,
+                                      kv_heads=kv_heads,
                                       tokenizer=tokenizer, row=row)
     kept = table[table.kept]
     sns.set_theme(style="whitegrid")

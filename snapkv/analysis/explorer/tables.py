@@ -4,8 +4,9 @@ token attends to, and which prompt positions SnapKV would keep under a chosen bu
 Pure functions of a `Trace` (loaded with `Trace.load`, no model needed): DataFrames and figures
 (plotly for the interactive view, matplotlib for the static one). `notebooks/09_explorer.ipynb` wires
 them to widgets. Kept positions are recomputed from the trace's observation attention with the engine's
-own functions (`snapkv.core.selection`: window votes, pooling, GQA aggregation, top-k + window), so they
-are what `snapkv.SnapKV(window_size, budget, kernel_size, pooling, gqa)` keeps for that prompt.
+own functions (the policy's `select_from_votes`: pooling, GQA aggregation, its choice + window), so they
+are what `snapkv.SnapKV(window_size, budget, kernel_size, pooling, gqa)` (or AdaKV, PyramidKV, ChunkKV with
+the same settings) keeps for that prompt.
 
 Positions are the row's own prompt positions (left padding cut away, `Trace(..., row=)` getters).
 """
@@ -17,9 +18,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from snapkv.core.policies import check_int
-from snapkv.core.selection import GQA_MODES, POOLINGS, aggregate_gqa, pool_scores, top_positions
+from snapkv.core.policies import AdaKV, ChunkKV, PyramidKV, SnapKV, check_int
+from snapkv.core.selection import GQA_MODES, POOLINGS, aggregate_gqa, pool_scores
 from snapkv.core.trace import Trace
+
+EXPLORER_METHODS = {"snapkv": SnapKV, "adakv": AdaKV, "pyramidkv": PyramidKV, "chunkkv": ChunkKV}
 
 
 # -- tokens ----------------------------------------------------------------------------------------
@@ -124,22 +127,35 @@ def window_votes(trace: Trace, layer: int, *, window_size: int | None = None, ro
 
 
 def kept_positions(trace: Trace, layer: int, *, budget: int, window_size: int | None = None, kernel_size: int = 7,
-                   pooling: str = "maxpool", gqa: str | None = None, kv_heads: int | None = None,
-                   row: int = 0) -> torch.Tensor:
-    """Prompt positions SnapKV keeps per cache head under `budget` (window included), ascending.
+                   pooling: str = "maxpool", method: str = "snapkv", gqa: str | None = None,
+                   kv_heads: int | None = None, row: int = 0) -> torch.Tensor:
+    """Prompt positions `method` (snapkv, adakv, pyramidkv or chunkkv: `EXPLORER_METHODS`) keeps per cache head
+    under `budget` (window included; PyramidKV: its budget for this layer), ascending.
 
-    long (cache_heads, min(prompt_len, budget)); cache_heads = query heads for gqa="expand", else kv_heads.
-    Same math as `snapkv.core.selection.select_positions`, on the trace's recorded window attention.
+    long (cache_heads, kept); cache_heads = query heads for gqa="expand", else kv_heads. AdaKV's heads keep
+    different numbers: their shorter rows start with -1. The policy's own `select_from_votes` on the trace's
+    recorded window attention, so it is what the engine keeps for that prompt.
     """
+    if method not in EXPLORER_METHODS:
+        raise ValueError(f"method must be one of {', '.join(EXPLORER_METHODS)}, got {method!r}")
     window_size, kv_heads, gqa = _selection(trace, layer, budget, window_size, kernel_size, pooling, gqa, kv_heads)
+    if method == "chunkkv" and gqa == "expand":
+        gqa = "mean"  # ChunkKV keeps the same chunks for every head
+    policy = EXPLORER_METHODS[method](window_size=window_size, max_capacity_prompt=budget, kernel_size=kernel_size,
+                                      pooling=pooling, gqa=gqa)
     votes = window_votes(trace, layer, window_size=window_size, row=row)
     heads, prefix = votes.shape
     n = prefix + window_size
-    cache_heads = heads if gqa == "expand" else kv_heads
-    if n <= budget:
-        return torch.arange(n).expand(cache_heads, n).clone()
-    scores = aggregate_gqa(pool_scores(votes[None], kernel_size, pooling), kv_heads or heads, gqa)
-    return top_positions(scores, budget - window_size, window_size)[0]
+    sliding = set(trace.metadata.get("sliding_layers") or ())
+    layer_budget = policy.layer_budget(layer, n, tuple(x for x in trace.layers if x not in sliding) or (layer,))
+    if n <= layer_budget:
+        return torch.arange(n).expand(policy.cache_heads(heads, kv_heads or heads), n).clone()
+    return policy.select_from_votes(votes[None], layer_budget, kv_heads or heads)[0]
+
+
+def kept_mask(kept: torch.Tensor, n: int) -> torch.Tensor:
+    """(n,) bool: True at the positions of one cache head's `kept` row (-1 entries mark nothing)."""
+    return torch.zeros(n, dtype=torch.bool).index_fill_(0, kept[kept >= 0], True)
 
 
 def default_gqa(trace: Trace) -> str:
@@ -179,7 +195,8 @@ def generation_rows(trace: Trace, layer: int, row: int = 0) -> tuple[torch.Tenso
 
 # -- tables ----------------------------------------------------------------------------------------
 def head_table(trace: Trace, layer: int, head: int, *, budget: int, window_size: int | None = None,
-               kernel_size: int = 7, pooling: str = "maxpool", gqa: str | None = None, kv_heads: int | None = None,
+               kernel_size: int = 7, pooling: str = "maxpool", method: str = "snapkv", gqa: str | None = None,
+               kv_heads: int | None = None,
                tokenizer=None, row: int = 0) -> pd.DataFrame:
     """One row per prompt position for one query head: token, vote (window's summed attention), score
     (pooled, GQA-aggregated: what top-k ranks), kept (under the budget), in_window, and generation's mean
@@ -189,16 +206,17 @@ def head_table(trace: Trace, layer: int, head: int, *, budget: int, window_size:
     votes = window_votes(trace, layer, window_size=window_size, row=row)
     heads, prefix = votes.shape
     n = prefix + window_size
-    cache_heads = heads if gqa == "expand" else kv_heads
-    cache_head = cache_head_of(head, heads, cache_heads)
+    every_head = kept_positions(trace, layer, budget=budget, window_size=window_size, kernel_size=kernel_size,
+                                pooling=pooling, method=method, gqa=gqa, kv_heads=kv_heads, row=row)
+    cache_head = cache_head_of(head, heads, every_head.shape[0])  # ChunkKV: one row per kv head, whatever gqa
+    kept = every_head[cache_head]
     scores = aggregate_gqa(pool_scores(votes[None], kernel_size, pooling), kv_heads or heads, gqa)[0]
-    kept = kept_positions(trace, layer, budget=budget, window_size=window_size, kernel_size=kernel_size,
-                          pooling=pooling, gqa=gqa, kv_heads=kv_heads, row=row)[cache_head]
+    score_head = cache_head_of(head, heads, scores.shape[0])
     prompt_labels, _ = token_labels(trace, tokenizer, row)
     table = pd.DataFrame({
         "layer": layer, "head": head, "cache_head": cache_head, "position": np.arange(n), "token": prompt_labels,
         "vote": np.concatenate([votes[head].numpy(), np.full(window_size, np.nan)]),
-        "score": np.concatenate([scores[cache_head].numpy(), np.full(window_size, np.nan)]),
+        "score": np.concatenate([scores[score_head].numpy(), np.full(window_size, np.nan)]),
         "kept": np.isin(np.arange(n), kept.numpy()),
         "in_window": np.arange(n) >= prefix,
     })
@@ -209,7 +227,7 @@ def head_table(trace: Trace, layer: int, head: int, *, budget: int, window_size:
 
 
 def generation_table(trace: Trace, layer: int, head: int, *, budget: int, window_size: int | None = None,
-                     kernel_size: int = 7, pooling: str = "maxpool", gqa: str | None = None,
+                     kernel_size: int = 7, pooling: str = "maxpool", method: str = "snapkv", gqa: str | None = None,
                      kv_heads: int | None = None, tokenizer=None, row: int = 0, sink_size: int = 4) -> pd.DataFrame:
     """One row per generated row for one query head: its token, attention mass on the prompt, the share of
     that mass on the kept positions (`kept_share`), the same share leaving out the first `sink_size` positions
@@ -220,11 +238,10 @@ def generation_table(trace: Trace, layer: int, head: int, *, budget: int, window
     attention = rows[head]  # (steps, n)
     window_size, kv_heads, gqa = _selection(trace, layer, budget, window_size, kernel_size, pooling, gqa, kv_heads)
     heads = rows.shape[0]
-    cache_heads = heads if gqa == "expand" else kv_heads
     kept = kept_positions(trace, layer, budget=budget, window_size=window_size, kernel_size=kernel_size,
-                          pooling=pooling, gqa=gqa, kv_heads=kv_heads, row=row)[cache_head_of(head, heads, cache_heads)]
-    mask = torch.zeros(attention.shape[-1], dtype=torch.bool)
-    mask[kept] = True
+                          pooling=pooling, method=method, gqa=gqa, kv_heads=kv_heads, row=row)
+    kept = kept[cache_head_of(head, heads, kept.shape[0])]
+    mask = kept_mask(kept, attention.shape[-1])
     on_prompt = attention.sum(-1)
     after_sink = attention[:, sink_size:]
     _, generated_labels = token_labels(trace, tokenizer, row)
@@ -242,10 +259,10 @@ def generation_table(trace: Trace, layer: int, head: int, *, budget: int, window
 
 
 def kept_attention_table(trace: Trace, *, budget: int, window_size: int | None = None, kernel_size: int = 7,
-                         pooling: str = "maxpool", gqa: str | None = None, kv_heads: int | None = None,
-                         row: int = 0, sink_size: int = 4) -> pd.DataFrame:
+                         pooling: str = "maxpool", method: str = "snapkv", gqa: str | None = None,
+                         kv_heads: int | None = None, row: int = 0, sink_size: int = 4) -> pd.DataFrame:
     """Per layer and query head: the mean share of generation's prompt attention that falls on the positions
-    SnapKV keeps under `budget` (`kept_share`; `kept_share_after_sink` leaves out the first `sink_size`
+    `method` keeps under `budget` (`kept_share`; `kept_share_after_sink` leaves out the first `sink_size`
     positions), to find the heads worth a closer look."""
     records = []
     for layer in trace.layers:
@@ -253,12 +270,11 @@ def kept_attention_table(trace: Trace, *, budget: int, window_size: int | None =
         heads = rows.shape[0]
         w, kv, gqa_mode = _selection(trace, layer, budget, window_size, kernel_size, pooling, gqa, kv_heads)
         kept = kept_positions(trace, layer, budget=budget, window_size=w, kernel_size=kernel_size, pooling=pooling,
-                              gqa=gqa_mode, kv_heads=kv, row=row)
+                              method=method, gqa=gqa_mode, kv_heads=kv, row=row)
         cache_heads = kept.shape[0]
         on_prompt = rows.sum(-1).clamp(min=1e-12)  # (heads, steps)
         for head in range(heads):
-            mask = torch.zeros(rows.shape[-1], dtype=torch.bool)
-            mask[kept[cache_head_of(head, heads, cache_heads)]] = True
+            mask = kept_mask(kept[cache_head_of(head, heads, cache_heads)], rows.shape[-1])
             share = rows[head][:, mask].sum(-1) / on_prompt[head]
             rest = rows[head][:, sink_size:]
             share_after_sink = rest[:, mask[sink_size:]].sum(-1) / rest.sum(-1).clamp(min=1e-12)

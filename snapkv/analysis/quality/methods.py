@@ -5,7 +5,7 @@ notebooks 06 / 07 all read."""
 from dataclasses import dataclass
 from typing import ClassVar
 
-from snapkv import H2O, FullCache, Policy, RandomEviction, SnapKV, StreamingLLM
+from snapkv import H2O, AdaKV, ChunkKV, FullCache, Policy, PyramidKV, RandomEviction, SnapKV, StreamingLLM
 from snapkv.analysis.quality.prompts import DEFAULT_DEPTHS, DEFAULT_LENGTHS, TASKS
 from snapkv.analysis.quality.statistics import CALIBRATION_THRESHOLD
 from snapkv.core.policies import check_int
@@ -13,7 +13,9 @@ from snapkv.core.policies import check_int
 DEFAULT_BUDGETS = (128, 256, 512, 1024)
 ABLATION_BUDGETS = (128,)
 WINDOW_SIZE, KERNEL_SIZE = 16, 5  # the paper's needle-in-a-haystack setting (maxpool)
-METHODS = ("full", "snapkv", "streaming", "random", "h2o", "snapkv-avgpool", "snapkv-nopool")
+METHODS = ("full", "snapkv", "adakv", "pyramidkv", "chunkkv", "streaming", "random", "h2o", "snapkv-avgpool",
+           "snapkv-nopool")
+SUCCESSORS = {"adakv": AdaKV, "pyramidkv": PyramidKV, "chunkkv": ChunkKV}  # SnapKV's arguments, their own defaults
 ABLATION_METHODS = ("snapkv-avgpool", "snapkv-nopool")  # run at the ablation budgets only
 DEFAULT_METHODS = METHODS
 MODES = ("question-aware", "question-agnostic")  # compress with the question in the window, or before it
@@ -35,8 +37,9 @@ class Method:
 
 def method_policy(name: str, budget: int | None, *, window_size: int = WINDOW_SIZE,
                   kernel_size: int = KERNEL_SIZE) -> Policy:
-    """The policy for a method name: full, snapkv (maxpool), snapkv-avgpool, snapkv-nopool, streaming (4 sink
-    tokens), random (seed 0) or h2o; every windowed policy keeps the last `window_size` positions."""
+    """The policy for a method name: full, snapkv (maxpool), snapkv-avgpool, snapkv-nopool, adakv, pyramidkv,
+    chunkkv (SnapKV's window, kernel and maxpool; their own defaults otherwise), streaming (4 sink tokens),
+    random (seed 0) or h2o; every windowed policy keeps the last `window_size` positions."""
     if name == "full":
         return FullCache()
     if name not in METHODS:
@@ -44,6 +47,9 @@ def method_policy(name: str, budget: int | None, *, window_size: int = WINDOW_SI
     if name.startswith("snapkv"):
         return SnapKV(window_size=window_size, max_capacity_prompt=budget, kernel_size=kernel_size,
                       pooling=POOLING[name], gqa="mean")
+    if name in SUCCESSORS:
+        return SUCCESSORS[name](window_size=window_size, max_capacity_prompt=budget, kernel_size=kernel_size,
+                                pooling="maxpool", gqa="mean")
     if name == "streaming":
         return StreamingLLM(sink_size=4, max_capacity_prompt=budget)
     if name == "random":
@@ -92,7 +98,7 @@ def check_lengths_fit(lengths, model, max_new_tokens: int = 40) -> None:
                          f"({limit} positions): use lengths <= {limit - max_new_tokens}")
 
 
-QUICK_METHODS = ("full", "snapkv")  # quick runs: a tiny smoke run of one short length
+QUICK_METHODS = ("full", "snapkv", *SUCCESSORS)  # quick runs: a tiny smoke run of one short length
 QUICK_BUDGETS = (128,)
 QUICK_LENGTHS = (512,)
 
@@ -124,7 +130,7 @@ class TaskSettings:
     tasks: tuple[str, ...] = TASKS
     lengths: tuple[int, ...] = (1000, 2000, 4000)
     samples: int = 5  # prompts per task and length
-    methods: tuple[str, ...] = ("full", "snapkv", "streaming", "random", "h2o")
+    methods: tuple[str, ...] = ("full", "snapkv", "adakv", "pyramidkv", "chunkkv", "streaming", "random", "h2o")
     budgets: tuple[int, ...] = DEFAULT_BUDGETS
     ablation_budgets: tuple[int, ...] = ABLATION_BUDGETS  # used only when methods include ABLATION_METHODS
     modes: tuple[str, ...] = MODES

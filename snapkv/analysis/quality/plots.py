@@ -14,7 +14,8 @@ import plotly.graph_objects as go
 import seaborn as sns
 from plotly.subplots import make_subplots
 
-METHOD_ORDER = ("full", "snapkv", "snapkv-avgpool", "snapkv-nopool", "h2o", "random", "streaming")
+METHOD_ORDER = ("full", "snapkv", "snapkv-avgpool", "snapkv-nopool", "adakv", "pyramidkv", "chunkkv", "h2o", "random",
+                "streaming")
 MODE_DASH = {"question-aware": "-", "question-agnostic": "--"}
 PLOTLY_DASH = {"question-aware": "solid", "question-agnostic": "dash"}
 
@@ -28,7 +29,8 @@ def _panel_name(method: str, budget) -> str:
 
 
 def _colors(methods) -> dict:
-    palette = sns.color_palette("tab10", len(METHOD_ORDER) + 3)
+    strong_then_light = sns.color_palette("tab20", 20)
+    palette = strong_then_light[::2] + strong_then_light[1::2]  # distinct colours for up to 20 methods
     return {m: palette[_method_rank(m) if _method_rank(m) < len(METHOD_ORDER) else len(METHOD_ORDER) + i]
             for i, m in enumerate(methods)}
 

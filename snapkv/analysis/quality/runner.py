@@ -49,13 +49,14 @@ DEFAULT_PREFILL_CHUNK = 2048
 
 @dataclass
 class GeneratedAnswer:
-    """Greedy tokens of one method; `logits` (steps, vocab) when asked for; `cache_slots` = prompt slots per
-    head kept in layer 0 (the prompt length when nothing was evicted); `seconds` of decoding;
+    """Greedy tokens of one method; `logits` (steps, vocab) when asked for; `cache_slots` = prompt slots a head
+    keeps, averaged over compressed layers and heads (the prompt length when nothing was evicted); `seconds` of
+    decoding;
     `kept_positions` {layer: (1, cache_heads, kept)} prompt positions each head kept (empty for the full cache)."""
 
     tokens: list[int]
     logits: torch.Tensor | None
-    cache_slots: int
+    cache_slots: float
     seconds: float
     kept_positions: dict = dataclasses.field(default_factory=dict)
 
@@ -81,9 +82,13 @@ def _greedy(model, cache, logits: torch.Tensor, max_new_tokens: int, stop_ids, s
     return tokens, (torch.stack(rows) if keep_logits else None)
 
 
-def _cache_slots(session: CompressionSession, prompt_length: int) -> int:
-    kept = session.kept_positions.get(min(session.kept_positions)) if session.kept_positions else None
-    return prompt_length if kept is None else int(kept.shape[-1])
+def _cache_slots(session: CompressionSession, prompt_length: int) -> float:
+    """Prompt slots a head keeps, averaged over the compressed layers and their heads (the prompt length when
+    nothing was compressed): per-layer (PyramidKV) and per-head (AdaKV) budgets average to the budget."""
+    if not session.kept_positions:
+        return float(prompt_length)
+    kept = [(positions >= 0).sum(-1).float().mean() for positions in session.kept_positions.values()]
+    return float(torch.stack(kept).mean())
 
 
 def answers_with_shared_prefill(model, context_ids, tail_ids, methods: Sequence[Method], *,

@@ -11,7 +11,9 @@ positions there), then times `decode_tokens` greedy steps of a manual loop
   kv_slots_global      slots held by the first full-attention layer (the layers SnapKV compresses)
   kv_slots_sliding     slots held by the first sliding-window layer (at most its window; None without any)
   kv_bytes_per_slot    kv_cache_mib / (batch x mean slots per layer): bytes of one position in every layer
+  layers               how many cache layers
   sliding_layers       how many layers are sliding-window layers (never compressed)
+  sliding_window       their window (None without any): a sliding layer never holds more than that
   compressed_layers    how many layers the policy compressed (selected kept positions for; a budget covering
                        the prompt keeps them all), compressed_layer_ids which ("5,11,17"); None for a press
   weights_mib          parameters + buffers of the model
@@ -33,6 +35,7 @@ import time
 import torch
 
 from snapkv.analysis.text import stdlib_source_ids
+from snapkv.core.cache import RaggedLayer
 from snapkv.core.compat import forward, new_cache, prefill
 from snapkv.core.policies import check_int
 
@@ -48,27 +51,32 @@ def kv_cache_bytes(cache) -> int:
     """Bytes of every key and value tensor held in `cache.layers` (compressed layers included)."""
     total = 0
     for layer in cache.layers:
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+        for name in ("keys", "values", "prompt_keys", "prompt_values"):  # prompt_*: a RaggedLayer's kept slots
+            tensor = getattr(layer, name, None)
             if isinstance(tensor, torch.Tensor):
                 total += tensor.numel() * tensor.element_size()
     return total
 
 
-def kv_slots(cache, layer: int = 0) -> int:
-    """Slots (positions) held by one cache layer."""
+def kv_slots(cache, layer: int = 0) -> float:
+    """Slots (positions) held by one cache layer, per head (a RaggedLayer's heads differ: their mean)."""
+    if isinstance(cache.layers[layer], RaggedLayer):
+        return cache.layers[layer].mean_slots()
     keys = getattr(cache.layers[layer], "keys", None)
     return int(keys.shape[-2]) if isinstance(keys, torch.Tensor) else 0
 
 
 def kv_slots_by_kind(cache) -> dict:
     """Slots held by the first full-attention layer and the first sliding-window layer (None when the cache has
-    none of that kind), and the number of sliding-window layers: {"kv_slots_global", "kv_slots_sliding",
-    "sliding_layers"}."""
+    none of that kind), the number of layers, of sliding-window layers and their window: {"kv_slots_global",
+    "kv_slots_sliding", "layers", "sliding_layers", "sliding_window"}."""
     sliding = [bool(getattr(layer, "is_sliding", False)) for layer in cache.layers]
     first = {kind: next((i for i, s in enumerate(sliding) if s == kind), None) for kind in (False, True)}
     return {"kv_slots_global": None if first[False] is None else kv_slots(cache, first[False]),
             "kv_slots_sliding": None if first[True] is None else kv_slots(cache, first[True]),
-            "sliding_layers": sum(sliding)}
+            "layers": len(sliding), "sliding_layers": sum(sliding),
+            "sliding_window": None if first[True] is None
+            else getattr(cache.layers[first[True]], "sliding_window", None)}
 
 
 def model_bytes(model) -> int:

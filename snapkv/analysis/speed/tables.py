@@ -75,39 +75,68 @@ def configuration_label(method: str, budget) -> str:
     return method if budget is None or (isinstance(budget, float) and math.isnan(budget)) else f"{method} {int(budget)}"
 
 
+def _slot_model(group: pd.DataFrame, budget) -> dict:
+    """What one configuration's measured rows say about its cache: bytes of one position in every layer, the
+    decoded slots it held beyond the prompt, its layer counts and the most a sliding-window layer holds."""
+    layers = float(group["layers"].iloc[0])
+    sliding = float(group["sliding_layers"].fillna(0).iloc[0])
+    kept = group["prompt_len"] if pd.isna(budget) else np.minimum(group["prompt_len"], budget)
+    global_slots = group["kv_slots_global"].where(group["kv_slots_global"].notna(), group["kv_slots_layer0"])
+    decoded = float((global_slots - kept).mean())
+    # a sliding layer holds min(prompt + decoded, its capacity): the capacity is what it held when it was full
+    # (fewer slots than the prompt and decoded tokens), else at most its window
+    full = group[group["kv_slots_sliding"] < group["prompt_len"] + decoded] if sliding else group.iloc[:0]
+    capacity = float(full["kv_slots_sliding"].max()) if len(full) else float(group["sliding_window"].max()) \
+        if sliding and group["sliding_window"].notna().any() else math.inf
+    return {"per_slot": float(group["kv_bytes_per_slot"].mean()), "decoded": decoded, "layers": layers,
+            "sliding": sliding, "capacity": capacity, "weights": float(group["weights_mib"].mean()) * MIB}
+
+
+def _mean_slots(model: dict, prompt_slots: float, n: float) -> float:
+    """Mean slots per layer: global layers hold `prompt_slots` + decoded, sliding layers at most their capacity."""
+    held = prompt_slots + model["decoded"]
+    sliding = min(n + model["decoded"], model["capacity"])
+    return ((model["layers"] - model["sliding"]) * held + model["sliding"] * sliding) / model["layers"]
+
+
 def memory_extrapolation(table: pd.DataFrame, prompt_lengths) -> pd.DataFrame:
     """Weights + KV cache predicted at `prompt_lengths` for every (method, budget, batch_size) measured.
 
-    From each configuration's measured bytes per cache slot (kv_cache_mib / (batch x slots)): a cache holds
-    min(n, budget) prompt slots (n for the full cache) plus the decoded tokens it held when measured.
+    From each configuration's measured bytes per position in every layer (kv_bytes_per_slot): a full-attention
+    layer holds min(n, budget) prompt slots (n for the full cache) plus the decoded tokens it held when
+    measured; a sliding-window layer (Gemma 3's) holds at most its window, whatever the method.
     Returns one row per configuration and length: kv_cache_gib, memory_gib (weights included).
     """
     measured = table[table["status"] == "ok"]
     rows = []
     for (method, budget, batch), group in measured.groupby(["method", "budget", "batch_size"], dropna=False):
-        per_slot = float((group["kv_cache_mib"] * MIB / (group["batch_size"] * group["kv_slots_layer0"])).mean())
-        kept = group["prompt_len"] if pd.isna(budget) else np.minimum(group["prompt_len"], budget)
-        decoded = float((group["kv_slots_layer0"] - kept).mean())
-        weights = float(group["weights_mib"].mean()) * MIB
+        model = _slot_model(group, budget)
         for n in prompt_lengths:
-            slots = (n if pd.isna(budget) else min(n, budget)) + decoded
-            kv = batch * per_slot * slots
+            kv = batch * model["per_slot"] * _mean_slots(model, n if pd.isna(budget) else min(n, budget), n)
             rows.append({"method": method, "budget": None if pd.isna(budget) else int(budget), "batch_size": batch,
                          "prompt_len": n, "config": configuration_label(method, budget),
-                         "kv_bytes_per_slot": per_slot, "kv_cache_gib": kv / GIB, "memory_gib": (weights + kv) / GIB})
+                         "kv_bytes_per_slot": model["per_slot"], "kv_cache_gib": kv / GIB,
+                         "memory_gib": (model["weights"] + kv) / GIB})
     return pd.DataFrame(rows)
 
 
 def longest_prompt_within(table: pd.DataFrame, memory_limit_gib: float, method: str = "FullCache") -> pd.DataFrame:
     """Per batch size, the longest prompt whose weights + KV cache stay within `memory_limit_gib` for
-    `method` (from measured bytes per slot, as `memory_extrapolation`); None if even an empty cache does not fit."""
+    `method` (the full cache's growth as `memory_extrapolation` models it); None if even an empty cache does not
+    fit."""
     rows = []
     measured = table[(table["status"] == "ok") & (table["method"] == method)]
     for batch, group in measured.groupby("batch_size"):
-        per_slot = float((group["kv_cache_mib"] * MIB / (group["batch_size"] * group["kv_slots_layer0"])).mean())
-        decoded = float((group["kv_slots_layer0"] - group["prompt_len"]).mean())
-        free = memory_limit_gib * GIB - float(group["weights_mib"].mean()) * MIB
-        longest = math.floor(free / (batch * per_slot) - decoded) if free > 0 else None
+        model = _slot_model(group, float("nan"))
+        free = memory_limit_gib * GIB - model["weights"]
+        mean_slots = free / (batch * model["per_slot"])  # what fits, as mean slots per layer
+        if mean_slots > model["capacity"]:  # sliding layers are full: only the global layers grow
+            global_layers = model["layers"] - model["sliding"]
+            held = (mean_slots * model["layers"] - model["sliding"] * model["capacity"]) / global_layers \
+                if global_layers else math.inf
+        else:
+            held = mean_slots
+        longest = None if free <= 0 else held if math.isinf(held) else math.floor(held - model["decoded"])
         rows.append({"method": method, "batch_size": batch, "memory_limit_gib": memory_limit_gib,
                      "longest_prompt": longest if longest is None or longest > 0 else None})
     return pd.DataFrame(rows)

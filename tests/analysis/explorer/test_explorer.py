@@ -189,6 +189,18 @@ def test_kept_positions_match_what_the_engine_kept(gqa, tmp_path):
     assert steps.kept_share.tolist() == pytest.approx([1.0] * len(steps))
 
 
+@pytest.mark.parametrize("method", ["adakv", "pyramidkv", "chunkkv"])
+def test_successors_kept_positions_match_what_the_engine_kept(method, tmp_path):
+    policy = explorer.EXPLORER_METHODS[method](window_size=8, max_capacity_prompt=24, kernel_size=5)
+    trace, _, _ = record_tiny(policy)
+    trace = Trace.load(trace.save(tmp_path / "trace"))
+    for layer in trace.layers:
+        mine = explorer.kept_positions(trace, layer, budget=24, kernel_size=5, method=method, gqa="mean")
+        assert torch.equal(mine, trace.kept_positions(layer, row=0)), layer
+    steps = explorer.generation_table(trace, 1, 3, budget=24, kernel_size=5, method=method, gqa="mean")
+    assert steps.kept_share.tolist() == pytest.approx([1.0] * len(steps))  # AdaKV's -1 slots mark nothing
+
+
 def test_a_full_cache_trace_predicts_what_compression_would_keep():
     """Prefill is the same with or without compression, so the explorer's selection on a full-cache trace
     equals what the engine keeps for the same prompt."""

@@ -214,7 +214,8 @@ def test_shared_prefill_equals_one_run_per_method(family):
         tokens, logits = _reference_aware(model, ids, method.policy, 5)
         assert aware.tokens == tokens, method
         assert torch.allclose(aware.logits, logits, atol=1e-5, rtol=0), method
-        assert aware.cache_slots == (90 if method.budget is None else method.budget)
+        # PyramidKV's layer budgets average to the budget up to its integer steps
+        assert aware.cache_slots == pytest.approx(90 if method.budget is None else method.budget, abs=1)
         agnostic = answers[("question-agnostic", method.name, method.budget)]
         tokens, logits, _ = _reference_agnostic(model, context, tail, method.policy, 5)
         assert agnostic.tokens == tokens, method

@@ -166,6 +166,27 @@ def test_table_extrapolation_and_figure():
     assert any(shape.y0 == limit for shape in interactive.layout.shapes)
 
 
+def test_extrapolation_predicts_a_hybrid_cache_at_an_unmeasured_length():
+    """Gemma 3's sliding layers stop growing at their window: the prediction at a longer prompt, made from
+    shorter ones, equals what decode_speed then measures there (full cache and SnapKV)."""
+    model = tiny_model("gemma3")  # layers: sliding (window 16), global, sliding
+    table = speed.speed_memory_table(model, CharTokenizer(), prompt_lengths=[40, 64], budgets=[24],
+                                     batch_sizes=[1], decode_tokens=2, window_size=8, kernel_size=3,
+                                     progress=False)
+    assert (table.sliding_layers == 2).all() and (table.layers == 3).all()
+    assert (table.kv_slots_sliding < table.prompt_len).all()  # the sliding layers were full when measured
+    extrapolated = speed.memory_extrapolation(table, [160]).set_index("config")
+    for policy, config in [(snapkv.FullCache(), "FullCache"),
+                           (snapkv.SnapKV(window_size=8, max_capacity_prompt=24, kernel_size=3), "SnapKV 24")]:
+        measured = speed.decode_speed(model, speed.prompt_ids(CharTokenizer(), 160), policy, decode_tokens=2)
+        assert extrapolated.loc[config, "kv_cache_gib"] * 1024 == pytest.approx(measured["kv_cache_mib"])
+    full_at_160 = speed.decode_speed(model, speed.prompt_ids(CharTokenizer(), 160), snapkv.FullCache(),
+                                     decode_tokens=2)
+    limit = (table.weights_mib.iloc[0] + full_at_160["kv_cache_mib"]) / 1024
+    longest = speed.longest_prompt_within(table, limit).longest_prompt.iloc[0]
+    assert longest == 160  # the full cache of a 160-token prompt fills the limit exactly
+
+
 def test_prompt_ids_are_real_text_of_the_requested_length():
     ids = speed.prompt_ids(CharTokenizer(), 500)
     assert ids.shape == (1, 500)
