@@ -1,14 +1,19 @@
 """`snapkv.compress(model, policy)`: compress the prompt KV cache after prefill, per head.
 
 Timeline of one prompt, per layer (all inside the attention hook):
-  prefill call(s)      full cache; remember the last `window_size` queries (H2O: accumulate scores)
-  first decoding step  select kept positions, gather K/V into a CompressedLayer, attend on it
+  prefill              remember the last `window_size` queries (H2O: accumulate scores); when the whole
+                       prompt comes in one forward, select the kept positions right after the layer's
+                       prefill attention and put a CompressedLayer in the cache, so that only one layer's
+                       full keys and values are alive at a time (the paper's prefill memory)
+  first decoding step  (chunked prefill) select kept positions, gather K/V into a CompressedLayer, attend on it
   later steps          decode on the compressed cache; new tokens are appended as usual
 A forward that starts from an empty cache starts a new prompt, so nothing carries over between calls.
-Prefill may come in chunks (`prefill_chunk_size`, whose chunks never end on a single token; or the
-caller's own forwards): compression waits for the first single-token forward, or for the next forward
-after `session.compress_before_next_forward()`. `session.fork(policy)` starts another policy from what
-a session saw of a prefill, so that many policies share one prefill (with `compat.copy_cache`).
+Prefill may come in chunks (`prefill_chunk_size`, whose chunks never end on a single token): later chunks
+need the earlier keys, so compression then waits for the first single-token forward, or for the next forward
+after `session.compress_before_next_forward()`. A caller that feeds a prompt in several forwards of its own
+must say so with `prefill_chunk_size` (the first one would be taken for the whole prompt). Both timings keep
+the same positions and give the same outputs. `session.fork(policy)` starts another policy from what a
+session saw of a prefill, so that many policies share one prefill (with `compat.copy_cache`).
 """
 
 import contextlib
@@ -64,14 +69,17 @@ class CompressionSession(Tap):
 
     user, effect = "snapkv.compress", "nothing was compressed"
 
-    def __init__(self, model, policy: Policy, prefill_chunk_size: int | None = None):
+    def __init__(self, model, policy: Policy, prefill_chunk_size: int | None = None, *, observe_only: bool = False):
+        """observe_only: remember what prefill shows the policy but never compress (a session to `fork` from)."""
         self.model = model
         self.policy = policy
         self.prefill_chunk_size = prefill_chunk_size
+        self.observe_only = observe_only
         self.kept_positions: dict[int, torch.Tensor] = {}
         self._layers: dict[int, _LayerPrefill] = {}
         self._cache = None
         self._force_compress = False
+        self._prompt_in_this_forward = False
         self.compressed_layers = full_attention_layers(model.config)  # the layers a policy may compress
 
     def compress_before_next_forward(self) -> None:
@@ -104,6 +112,8 @@ class CompressionSession(Tap):
     def before_forward(self, module, args, kwargs):
         self._cache = compat.forward_cache(kwargs)
         fresh = self._cache is None or self._cache.get_seq_length() == 0
+        # the whole prompt in this one forward: compress each layer right after its prefill attention
+        self._prompt_in_this_forward = fresh and self.prefill_chunk_size is None and _forward_length(args, kwargs) > 1
         if _forward_length(args, kwargs) > 1:  # prefill: the mask is checked once per chunk, not per step
             check_left_padding(kwargs.get("attention_mask"), "snapkv.compress")
         lengths = _prompt_lengths(args, kwargs)
@@ -118,6 +128,13 @@ class CompressionSession(Tap):
 
     def after_forward(self, module, args, kwargs, output):
         self._force_compress = False
+        self._prompt_in_this_forward = False
+
+    def after_attention(self, call: AttentionCall) -> None:
+        state = self._layers.get(call.layer)
+        if (self._prompt_in_this_forward and not self.observe_only and state is not None and not state.done
+                and self._cache is not None):
+            self._compress(call, state, call.key.shape[-2])  # the layer's full keys live no longer than this
 
     # -- attention hook --------------------------------------------------------------------------
     def before_attention(self, call: AttentionCall) -> AttentionCall:
@@ -136,8 +153,8 @@ class CompressionSession(Tap):
             self.kept_positions.pop(call.layer, None)
         if state is not None and state.done:
             return call
-        if state is not None and (call.query_length == 1 or self._force_compress):
-            return self._compress(call, state)
+        if state is not None and not self.observe_only and (call.query_length == 1 or self._force_compress):
+            return self._compress(call, state, call.past_length)
         self._layers[call.layer] = self._observe(call, state)
         return call
 
@@ -153,8 +170,9 @@ class CompressionSession(Tap):
             padding_mask=padding, accumulated=accumulated,
         )
 
-    def _compress(self, call: AttentionCall, state: _LayerPrefill) -> AttentionCall:
-        n = call.past_length
+    def _compress(self, call: AttentionCall, state: _LayerPrefill, n: int) -> AttentionCall:
+        """Select the kept positions of the layer's first `n` slots (the prompt) and put the compressed layer in
+        the cache; the call's slots after `n` (this forward's new tokens, if any) are appended to it."""
         state.done = True
         layers = self.compressed_layers if call.layer in self.compressed_layers else (call.layer,)
 

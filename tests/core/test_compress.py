@@ -8,6 +8,7 @@ from transformers import AttentionInterface
 
 import snapkv
 from snapkv.core import compat
+from snapkv.core.cache import CompressedLayer
 from snapkv.core.compress import attach
 from snapkv.core.hook import snapkv_attention
 
@@ -155,6 +156,39 @@ def test_manual_forward_loop_compresses_at_first_decoding_step(model):
                if not sliding)
 
 
+def test_a_whole_prompt_forward_compresses_each_layer_before_the_next_one_runs(model):
+    """One forward of the whole prompt: when a layer's attention runs, every earlier full-attention layer already
+    holds only its kept slots (one layer's full cache alive at a time); chunked prefill keeps the full cache
+    until the first decoding step. Both give the same kept positions and logits (the contracts above)."""
+    ids = prompt_ids(1)
+    layers = model.model.layers
+    for chunk, compressed_during_prefill in ((None, True), (32, False)):
+        cache, seen = compat.new_cache(model), []
+
+        def check(module, args, index):
+            seen.append([isinstance(cache.layers[j], CompressedLayer) for j in range(index)
+                         if j < len(cache.layers) and not cache.is_sliding[j]])
+
+        handles = [layer.register_forward_pre_hook(lambda module, args, i=i: check(module, args, i))
+                   for i, layer in enumerate(layers)]
+        try:
+            with torch.no_grad(), snapkv.compress(model, SNAP, prefill_chunk_size=chunk) as session:
+                logits = compat.prefill(model, ids, cache, chunk_size=chunk)
+                step = compat.forward(model, logits[:, -1:].argmax(-1), cache).logits
+        finally:
+            for handle in handles:
+                handle.remove()
+        prefill_views = seen[: len(layers)]
+        assert all(all(earlier) == compressed_during_prefill for earlier in prefill_views if earlier)
+        assert any(earlier for earlier in prefill_views)  # some layer had earlier full-attention layers
+        if chunk is None:
+            eager_kept, eager_step = dict(session.kept_positions), step
+    assert session.kept_positions.keys() == eager_kept.keys()
+    for layer, positions in session.kept_positions.items():
+        assert torch.equal(positions, eager_kept[layer])
+    assert torch.allclose(eager_step, step, atol=1e-5, rtol=0)
+
+
 def test_unsupported_attention_raises_instead_of_silently_not_compressing():
     model = tiny_model("llama")
     with pytest.raises(RuntimeError, match="no attention call"):
@@ -255,7 +289,8 @@ def test_fork_starts_a_policy_from_a_shared_prefill(model):
     for policy in policies:
         with snapkv.compress(model, policy):
             expected.append(greedy(model, ids, steps=3)[1])
-    observer = snapkv.core.CompressionSession(model, snapkv.SnapKV(window_size=8, max_capacity_prompt=9, kernel_size=1))
+    observer = snapkv.core.CompressionSession(model, snapkv.SnapKV(window_size=8, max_capacity_prompt=9, kernel_size=1),
+                                              observe_only=True)
     cache = compat.new_cache(model)
     with torch.no_grad(), attach(model, observer):
         last = compat.prefill(model, ids, cache)

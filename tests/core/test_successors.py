@@ -162,3 +162,16 @@ def test_successor_settings_are_checked(kwargs, error, match):
         snapkv.ChunkKV(gqa="expand")
     with pytest.raises(TypeError, match="one int"):
         snapkv.PyramidKV(max_capacity_prompt=(40, 50))
+
+
+def test_ragged_layer_state_rebuilds_it():
+    model = tiny_model("llama")
+    ids = torch.randint(1, 128, (1, 100), generator=torch.Generator().manual_seed(2))
+    with snapkv.compress(model, snapkv.AdaKV(window_size=8, max_capacity_prompt=30, kernel_size=3)):
+        cache = model.generate(ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True).past_key_values
+    layer = cache.layers[0]
+    rebuilt = RaggedLayer.from_state(*layer.state())
+    assert rebuilt.get_seq_length() == layer.get_seq_length() and torch.equal(rebuilt.kept, layer.kept)
+    new = torch.randn(1, 2, 1, 16)
+    for a, b in zip(layer.update(new, new), rebuilt.update(new, new), strict=True):
+        assert torch.equal(a, b)

@@ -118,7 +118,7 @@ def answers_with_shared_prefill(model, context_ids, tail_ids, methods: Sequence[
         raise ValueError(f"prefill_chunk_size ({prefill_chunk_size}) must be at least the window ({window})")
     if context.shape[1] < window:
         raise ValueError(f"the context has {context.shape[1]} tokens, fewer than the window ({window})")
-    observer = CompressionSession(model, _observer_policy(policies), prefill_chunk_size or context.shape[1])
+    observer = CompressionSession(model, _observer_policy(policies), prefill_chunk_size, observe_only=True)
     cache = new_cache(model)
     results = {}
 
