@@ -165,11 +165,11 @@ def test_a_whole_prompt_forward_compresses_each_layer_before_the_next_one_runs(m
     for chunk, compressed_during_prefill in ((None, True), (32, False)):
         cache, seen = compat.new_cache(model), []
 
-        def check(module, args, index):
+        def check(index, cache=cache, seen=seen):
             seen.append([isinstance(cache.layers[j], CompressedLayer) for j in range(index)
                          if j < len(cache.layers) and not cache.is_sliding[j]])
 
-        handles = [layer.register_forward_pre_hook(lambda module, args, i=i: check(module, args, i))
+        handles = [layer.register_forward_pre_hook(lambda module, args, i=i: check(i))
                    for i, layer in enumerate(layers)]
         try:
             with torch.no_grad(), snapkv.compress(model, SNAP, prefill_chunk_size=chunk) as session:
