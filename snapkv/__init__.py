@@ -3,14 +3,19 @@ attention head looks at during prefill and generation."""
 
 from snapkv.core import (
     H2O,
+    AdaKV,
+    ChunkKV,
     FullCache,
+    KVPack,
     Policy,
+    PyramidKV,
     RandomEviction,
     SnapKV,
     StreamingLLM,
     Trace,
     compress,
     load_model,
+    pack,
     record,
     record_teacher_forced,
     select_positions,
@@ -18,6 +23,16 @@ from snapkv.core import (
 
 __version__ = "0.1.0"
 __all__ = [
-    "H2O", "FullCache", "Policy", "RandomEviction", "SnapKV", "StreamingLLM", "Trace", "compress", "load_model",
-    "record", "record_teacher_forced", "select_positions",
+    "H2O", "AdaKV", "ChunkKV", "FullCache", "KVPack", "Policy", "PyramidKV", "RandomEviction", "SnapKV",
+    "StreamingLLM", "Trace", "calibrate", "compress", "load_model", "pack", "record", "record_teacher_forced",
+    "select_positions",
 ]
+
+
+def __getattr__(name: str):
+    """`snapkv.calibrate` is imported on first use: it lives in `snapkv.analysis.quality.calibration` (pandas)."""
+    if name == "calibrate":
+        from snapkv.analysis.quality.calibration import calibrate
+
+        return calibrate
+    raise AttributeError(f"module 'snapkv' has no attribute {name!r}")

@@ -397,5 +397,183 @@ def _tasks(args) -> int:
 COMMANDS += [add_needle_command, add_tasks_command]
 
 
+# -- `snapkv calibrate`: SnapKV's window, kernel, pooling and GQA per model and budget --------------------------
+
+
+def add_calibrate_command(subparsers) -> None:
+    from snapkv.analysis.quality.calibration import CalibrationSettings
+
+    default = CalibrationSettings()
+    parser = subparsers.add_parser(
+        "calibrate", help="choose SnapKV's window, kernel, pooling and GQA mode for a model and budget",
+        description="Try every candidate SnapKV setting on synthetic retrieval prompts (never the needle or task "
+        "prompts), rank them by accuracy on what the full cache answers, then by how much of each value they keep, "
+        "print the ranking and cache the choice per model and budget under $SNAPKV_CACHE/calibration (default "
+        "~/.cache/snapkv/calibration); `snapkv.calibrate(model, tokenizer, budget=...)` reads the same cache.",
+    )
+    parser.add_argument("--budgets", required=True, help="comma-separated prompt budgets, e.g. 256,1024")
+    parser.add_argument("--model", default=None, help="an embedded model's name, a model folder, .gguf file or "
+                        "cached hub id (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--device", default="cpu", help="torch device of the model, e.g. cuda (default: cpu)")
+    parser.add_argument("--dtype", default="float32", help="model precision, e.g. bfloat16 (default: float32)")
+    parser.add_argument("--window-sizes", default=None, help=f"candidate observation windows (default: "
+                        f"{_listed(default.window_sizes)})")
+    parser.add_argument("--kernel-sizes", default=None, help=f"candidate pooling kernels, odd (default: "
+                        f"{_listed(default.kernel_sizes)})")
+    parser.add_argument("--poolings", default=None, help=f"candidate poolings (default: {_listed(default.poolings)})")
+    parser.add_argument("--gqa", default=None, help=f"candidate GQA aggregations (default: "
+                        f"{_listed(default.gqa_modes)})")
+    parser.add_argument("--lengths", default=None, help="calibration prompt lengths in tokens (default: 2x and 4x "
+                        "the budget, at least 1000 and 2000)")
+    parser.add_argument("--samples", default=None, help=f"prompts per length (default: {default.samples})")
+    parser.add_argument("--seed", default=None, help=f"seed of the calibration prompts (default: {default.seed})")
+    parser.add_argument("--force", action="store_true", help="calibrate again even when a cached result exists")
+    parser.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    quick = "; ".join(f"{name} {_listed(value) if isinstance(value, tuple) else value}"
+                      for name, value in CalibrationSettings.QUICK.items())
+    parser.add_argument("--quick", action="store_true", help=f"a smoke run ({quick}); options given explicitly "
+                        "still apply")
+    parser.set_defaults(handler=_calibrate)
+
+
+def _calibrate(args) -> int:
+    from snapkv.analysis.quality.calibration import CalibrationSettings, calibrate, check_settings
+    from snapkv.analysis.reporting.reproduce import check_device
+    from snapkv.analysis.reporting.setup import resolve_settings
+    from snapkv.core import loading
+
+    budgets = _comma_list(args.budgets, int, "budgets")
+    if not budgets:
+        raise ValueError("--budgets is empty: give at least one budget, e.g. --budgets 256")
+    settings = resolve_settings(
+        CalibrationSettings, args.quick, window_sizes=_given_list(args.window_sizes, int, "window-sizes"),
+        kernel_sizes=_given_list(args.kernel_sizes, int, "kernel-sizes"),
+        poolings=_given_list(args.poolings, str, "poolings"), gqa_modes=_given_list(args.gqa, str, "gqa"),
+        lengths=_given_list(args.lengths, int, "lengths"), samples=_given_one(args.samples, int, "samples"),
+        seed=_given_one(args.seed, int, "seed"))
+    for budget in budgets:
+        check_settings(settings, budget)  # every budget, before the model loads
+    check_device(args.device, args.dtype)
+    model, tokenizer = loading.load_model(args.model, device=args.device, dtype=args.dtype)
+    for budget in budgets:
+        result = calibrate(model, tokenizer, budget=budget, settings=settings, cache=not args.no_cache,
+                           force=args.force)
+        p = result.policy
+        source = f"cached in {result.path}" if result.cached else (
+            f"calibrated in {result.seconds:.1f} s" + (f", cached in {result.path}" if result.path else ""))
+        print(f"budget {budget}: SnapKV(window_size={p.window_size}, kernel_size={p.kernel_size}, "
+              f"pooling={p.pooling!r}, gqa={p.gqa!r}) - {source}; {result.prompts} prompts of "
+              f"{', '.join(map(str, result.lengths))} tokens, full cache accuracy {result.full_accuracy:.2f}")
+        print(result.table.to_string(index=False))
+    return 0
+
+
+COMMANDS += [add_calibrate_command]
+
+
+# -- KV packs: `snapkv pack` and `snapkv ask` ---------------------------------------------------------------------
+
+
+def _model_arguments(parser) -> None:
+    from snapkv.core.loading import DEFAULT_MODEL_ID, EMBEDDED_MODEL_NAMES
+
+    parser.add_argument("--model", default=None, help=f"an embedded model ({', '.join(EMBEDDED_MODEL_NAMES)}), a "
+                        f"model folder, .gguf file or cached hub id (default: embedded {DEFAULT_MODEL_ID})")
+    parser.add_argument("--device", default="cpu", help="torch device of the model, e.g. cuda (default: cpu)")
+    parser.add_argument("--dtype", default="float32", help="model precision, e.g. bfloat16 (default: float32)")
+
+
+def add_pack_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "pack", help="prefill a document once and save its KV cache, to ask it many questions (snapkv ask)",
+        description="Prefill FILE as the start of a one-turn chat (the model's chat template; the plain "
+        "Question/Answer format without one) and save its KV cache to --out: the full cache, or with --budget the "
+        "cache compressed by SnapKV (window 32, kernel 7) at the end of the document, before any question. "
+        "`snapkv ask DIR QUESTION` then answers from it without reading the document again.",
+    )
+    parser.add_argument("file", help="the document: a UTF-8 text file")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder to write the pack to")
+    parser.add_argument("--budget", type=int, default=None,
+                        help="prompt positions SnapKV keeps per head (default: keep the full cache, exact)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing pack in --out")
+    _model_arguments(parser)
+    parser.set_defaults(handler=_pack)
+
+
+def _pack(args) -> int:
+    import time
+    from pathlib import Path
+
+    import snapkv
+    from snapkv.analysis.quality.packs import document_ids
+    from snapkv.analysis.quality.runner import DEFAULT_PREFILL_CHUNK
+    from snapkv.analysis.reporting.reproduce import check_device
+    from snapkv.core import loading
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise ValueError(f"no document at {path}: give a text file")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"{path} is empty: give a document to pack")
+    if Path(args.out).exists() and not args.overwrite:
+        raise ValueError(f"{args.out} already exists: pass --overwrite or choose another folder")
+    policy = None if args.budget is None else snapkv.SnapKV(max_capacity_prompt=args.budget)
+    check_device(args.device, args.dtype)
+    model, tokenizer = loading.load_model(args.model, device=args.device, dtype=args.dtype)
+    context = document_ids(tokenizer, text)
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if limit is not None and context.shape[1] >= limit:
+        raise ValueError(f"{path} is {context.shape[1]} tokens, more than the model's context ({limit} positions) "
+                         "leaves for a question: pack a shorter document")
+    start = time.perf_counter()
+    packed = snapkv.pack(model, context, policy, tokenizer=tokenizer, prefill_chunk_size=DEFAULT_PREFILL_CHUNK)
+    out = packed.save(args.out, overwrite=args.overwrite)
+    print(f"{out}: {packed.context_length} context tokens, {packed.policy!r}, {packed.nbytes / 2**20:.1f} MiB, "
+          f"packed in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def add_ask_command(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "ask", help="answer questions from a pack written by snapkv pack",
+        description="Load the pack in DIR (with the model it was made with: --model) and answer each QUESTION "
+        "greedily, from a copy of the pack: the document is not read again, and the pack never changes.",
+    )
+    parser.add_argument("pack", metavar="DIR", help="a folder written by snapkv pack")
+    parser.add_argument("questions", nargs="+", metavar="QUESTION", help="one or more questions")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="answer tokens at most (default: 64)")
+    _model_arguments(parser)
+    parser.set_defaults(handler=_ask)
+
+
+def _ask(args) -> int:
+    from pathlib import Path
+
+    import snapkv
+    from snapkv.analysis.quality.packs import question_ids
+    from snapkv.analysis.reporting.reproduce import check_device
+    from snapkv.core import check_int, loading
+    from snapkv.core.pack import read_metadata
+
+    check_int("--max-new-tokens", args.max_new_tokens, 1)
+    try:
+        read_metadata(Path(args.pack))  # a pack of this format, before the model loads
+    except FileNotFoundError as error:
+        raise ValueError(str(error)) from None
+    check_device(args.device, args.dtype)
+    model, tokenizer = loading.load_model(args.model, device=args.device, dtype=args.dtype)
+    packed = snapkv.KVPack.load(args.pack, model, tokenizer)
+    for question in args.questions:
+        ids = question_ids(tokenizer, question)
+        out = packed.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
+        answer = tokenizer.decode(out[0, packed.context_length + ids.shape[1]:], skip_special_tokens=True)
+        print(f"Q: {question}\nA: {answer.strip()}\n")
+    return 0
+
+
+COMMANDS += [add_pack_command, add_ask_command]
+
+
 if __name__ == "__main__":
     sys.exit(main())

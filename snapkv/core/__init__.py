@@ -2,7 +2,8 @@
 
 hook (the one attention function and the Tap base) -> selection (pure math: which positions a head keeps)
 -> policies (SnapKV and baselines as frozen configs) -> cache (the compressed cache layer) -> compress
-(`snapkv.compress`) and record (`snapkv.record`, saved as a `Trace`); loading (`snapkv.load_model`) and compat
+(`snapkv.compress`) and record (`snapkv.record`, saved as a `Trace`); pack (`snapkv.pack`: a context's cache to ask
+many questions of, saved as a `KVPack`); loading (`snapkv.load_model`) and compat
 (every call that depends on the transformers version).
 """
 
@@ -10,13 +11,27 @@ from snapkv.core.compat import copy_cache
 from snapkv.core.compress import CompressionSession, attach, compress
 from snapkv.core.hook import AttentionCall, Tap
 from snapkv.core.loading import load_model
-from snapkv.core.policies import H2O, FullCache, Policy, PrefillView, RandomEviction, SnapKV, StreamingLLM, check_int
+from snapkv.core.pack import KVPack, pack
+from snapkv.core.policies import (
+    H2O,
+    AdaKV,
+    ChunkKV,
+    FullCache,
+    Policy,
+    PrefillView,
+    PyramidKV,
+    RandomEviction,
+    SnapKV,
+    StreamingLLM,
+    check_int,
+)
 from snapkv.core.record import Recorder, estimate_trace_bytes, record, record_teacher_forced
 from snapkv.core.selection import observation_attention, select_positions
 from snapkv.core.trace import Trace
 
 __all__ = [
-    "H2O", "AttentionCall", "CompressionSession", "FullCache", "Policy", "PrefillView", "RandomEviction", "Recorder",
-    "SnapKV", "StreamingLLM", "Tap", "Trace", "attach", "check_int", "compress", "copy_cache", "estimate_trace_bytes",
-    "load_model", "observation_attention", "record", "record_teacher_forced", "select_positions",
+    "H2O", "AdaKV", "AttentionCall", "ChunkKV", "PyramidKV", "CompressionSession", "FullCache", "KVPack", "pack",
+    "Policy", "PrefillView", "RandomEviction", "Recorder", "SnapKV", "StreamingLLM", "Tap", "Trace", "attach",
+    "check_int", "compress", "copy_cache", "estimate_trace_bytes", "load_model", "observation_attention", "record",
+    "record_teacher_forced", "select_positions",
 ]

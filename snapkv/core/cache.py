@@ -104,6 +104,21 @@ class RaggedLayer(CompressedLayer):
         return (torch.cat([self._padded(self.prompt_keys), keys], dim=-2),
                 torch.cat([self._padded(self.prompt_values), values], dim=-2))
 
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """As `CompressedLayer.state`, with the flat kept slots (no padding on disk either)."""
+        return ({"prompt_keys": self.prompt_keys, "prompt_values": self.prompt_values, "keys": self.keys,
+                 "values": self.values, "positions": self.positions},
+                {"prompt_length": self.prompt_length, "groups": self.groups})
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], settings: dict) -> "RaggedLayer":
+        layer = cls.__new__(cls)
+        CompressedLayer.__init__(layer, tensors["keys"], tensors["values"], tensors["positions"], **settings)
+        layer.kept = tensors["positions"] >= 0
+        layer.prompt_keys, layer.prompt_values = tensors["prompt_keys"], tensors["prompt_values"]
+        layer.appended = tensors["keys"].shape[-2]
+        return layer
+
     def mean_slots(self) -> float:
         """Slots per cache head, averaged over rows and heads (kept prompt positions + decoded tokens)."""
         return float(self.kept.sum()) / self.kept[..., 0].numel() + self.appended

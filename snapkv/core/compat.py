@@ -5,7 +5,9 @@ Nothing else in snapkv reads a private transformers attribute or knows which rel
   chunked prefill     one loop (`prefill`), and one pre-hook that runs a `generate` prompt in chunks
                       (`chunked_prefill_hook`): transformers' own chunking ends on a 1-token chunk for some
                       prompt lengths, which no forward can tell from a decoding step
-  caches              `new_cache`, `copy_cache`, the query length passed to `get_mask_sizes`
+  caches              `new_cache`, `copy_cache`, the query length passed to `get_mask_sizes`, what a stock
+                      cache layer holds (`layer_state`, `restore_layer`: KV packs on disk)
+  generate            `generate` continuing from a prefilled cache
   models              the attention implementation, the model's label, the GGUF loading workaround
 """
 
@@ -125,6 +127,36 @@ def copy_cache(cache, batch_size: int = 1):
         for layer in copied.layers:
             layer.batch_repeat_interleave(batch_size)
     return copied
+
+
+def layer_state(layer) -> tuple[dict[str, torch.Tensor], dict]:
+    """What rebuilds a stock cache layer (`restore_layer`): its tensors and its plain settings. A full-attention
+    layer holds its keys and values; a sliding-window layer its last window and how many tokens it has seen."""
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
+        raise TypeError(f"cannot save a {type(layer).__name__} cache layer: only DynamicLayer, "
+                        "DynamicSlidingWindowLayer and snapkv's compressed layers can be saved")
+    tensors = {"keys": layer.keys, "values": layer.values}
+    if isinstance(layer, DynamicSlidingWindowLayer):
+        return tensors, {"seen": int(layer.cumulative_length)}
+    return tensors, {}
+
+
+def restore_layer(layer, tensors: dict[str, torch.Tensor], settings: dict) -> None:
+    """Fill an empty stock cache layer (of the class that `layer_state` read) with what `layer_state` returned."""
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    layer.lazy_initialization(tensors["keys"], tensors["values"])
+    layer.keys, layer.values = tensors["keys"], tensors["values"]
+    if isinstance(layer, DynamicSlidingWindowLayer):
+        layer.cumulative_length = settings["seen"]
+
+
+def generate(model, ids: torch.Tensor, cache, **kwargs):
+    """`model.generate(ids, ...)` continuing from `cache`, which holds the first tokens of `ids` (only the
+    rest is fed to the model)."""
+    return model.generate(ids, **{cache_keyword(model): cache}, **kwargs)
 
 
 def mask_query_length(query) -> int:

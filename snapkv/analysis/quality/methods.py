@@ -119,8 +119,10 @@ class NeedleSettings:
     seed: int = 0
     window_size: int = WINDOW_SIZE
     kernel_size: int = KERNEL_SIZE
+    calibrated: bool = True  # also "snapkv-calibrated": `snapkv.calibrate`'s SnapKV at every budget (cached per model)
     QUICK: ClassVar[dict] = dict(lengths=QUICK_LENGTHS, depths=(0.0, 0.5, 1.0), budgets=QUICK_BUDGETS,
-                                 methods=(*QUICK_METHODS, *ABLATION_METHODS), ablation_budgets=QUICK_BUDGETS)
+                                 methods=(*QUICK_METHODS, *ABLATION_METHODS), ablation_budgets=QUICK_BUDGETS,
+                                 calibrated=False)
 
 
 @dataclass(frozen=True)
@@ -140,5 +142,6 @@ class TaskSettings:
     seed: int = 0
     window_size: int = WINDOW_SIZE
     kernel_size: int = KERNEL_SIZE
+    calibrated: bool = True  # also "snapkv-calibrated" (see NeedleSettings)
     QUICK: ClassVar[dict] = dict(tasks=("single_key",), lengths=QUICK_LENGTHS, samples=1, methods=QUICK_METHODS,
-                                 budgets=QUICK_BUDGETS, calibration_samples=1)
+                                 budgets=QUICK_BUDGETS, calibration_samples=1, calibrated=False)

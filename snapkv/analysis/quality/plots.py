@@ -14,8 +14,8 @@ import plotly.graph_objects as go
 import seaborn as sns
 from plotly.subplots import make_subplots
 
-METHOD_ORDER = ("full", "snapkv", "snapkv-avgpool", "snapkv-nopool", "adakv", "pyramidkv", "chunkkv", "h2o", "random",
-                "streaming")
+METHOD_ORDER = ("full", "snapkv", "snapkv-calibrated", "snapkv-avgpool", "snapkv-nopool", "adakv", "pyramidkv",
+                "chunkkv", "h2o", "random", "streaming")
 MODE_DASH = {"question-aware": "-", "question-agnostic": "--"}
 PLOTLY_DASH = {"question-aware": "solid", "question-agnostic": "dash"}
 
