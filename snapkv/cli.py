@@ -161,13 +161,9 @@ def _quality_arguments(parser, what: str, kind) -> None:
     """The options `snapkv needle` and `snapkv tasks` share; their defaults are those of `kind`
     (quality.methods.NeedleSettings or TaskSettings), `--quick` applies `kind.QUICK`."""
     from snapkv.analysis import quality
-    from snapkv.core.loading import DEFAULT_MODEL_ID, EMBEDDED_MODEL_NAMES
 
     default = kind()
-    parser.add_argument("--model", default=None, help=f"an embedded model ({', '.join(EMBEDDED_MODEL_NAMES)}), a "
-                        f"model folder, .gguf file or cached hub id (default: embedded {DEFAULT_MODEL_ID})")
-    parser.add_argument("--device", default="cpu", help="torch device of the model, e.g. cuda (default: cpu)")
-    parser.add_argument("--dtype", default="float32", help="model precision, e.g. bfloat16 (default: float32)")
+    _model_arguments(parser)
     parser.add_argument("--methods", default=None, help=f"comma-separated: {', '.join(quality.METHODS)} "
                         f"(default: {_listed(default.methods)})")
     parser.add_argument("--budgets", default=None, help=f"comma-separated prompt budgets (default: "
@@ -412,10 +408,7 @@ def add_calibrate_command(subparsers) -> None:
         "~/.cache/snapkv/calibration); `snapkv.calibrate(model, tokenizer, budget=...)` reads the same cache.",
     )
     parser.add_argument("--budgets", required=True, help="comma-separated prompt budgets, e.g. 256,1024")
-    parser.add_argument("--model", default=None, help="an embedded model's name, a model folder, .gguf file or "
-                        "cached hub id (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--device", default="cpu", help="torch device of the model, e.g. cuda (default: cpu)")
-    parser.add_argument("--dtype", default="float32", help="model precision, e.g. bfloat16 (default: float32)")
+    _model_arguments(parser)
     parser.add_argument("--window-sizes", default=None, help=f"candidate observation windows (default: "
                         f"{_listed(default.window_sizes)})")
     parser.add_argument("--kernel-sizes", default=None, help=f"candidate pooling kernels, odd (default: "

@@ -24,14 +24,11 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from snapkv.core import compat
 from snapkv.core.cache import CompressedLayer
@@ -39,11 +36,10 @@ from snapkv.core.compress import attach, compress
 from snapkv.core.environment import environment
 from snapkv.core.hook import AttentionCall, Tap, check_left_padding
 from snapkv.core.policies import FullCache, Policy, check_int
+from snapkv.core.trace import METADATA_FILE, TENSORS_FILE, write_folder
 
 FORMAT_VERSION = 1
 KIND = "snapkv.KVPack"
-TENSORS_FILE = "tensors.safetensors"
-METADATA_FILE = "metadata.json"
 # the config fields that decide what a cache means; the weights fingerprint covers everything else
 ARCHITECTURE_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                        "num_key_value_heads", "head_dim", "max_position_embeddings", "rope_theta", "rope_parameters",
@@ -366,7 +362,7 @@ class KVPack:
             kind, state, settings = layer_state(layer)
             tensors |= {f"layers.{index}.{name}": tensor for name, tensor in state.items()}
             layers.append({"kind": kind, "tensors": sorted(state), "settings": settings})
-        return write_folder(path, tensors, self.metadata | {"layers": layers}, overwrite=overwrite)
+        return write_folder(path, tensors, self.metadata | {"layers": layers}, FORMAT_VERSION, overwrite=overwrite)
 
     @classmethod
     def load(cls, path, model, tokenizer=None) -> "KVPack":
@@ -398,32 +394,6 @@ class KVPack:
 
 
 # -- files --------------------------------------------------------------------------------------------------
-def write_folder(path, tensors: dict[str, torch.Tensor], metadata: dict, *, overwrite: bool = False) -> Path:
-    """Write `path/tensors.safetensors` and `path/metadata.json` into a temporary sibling folder, then rename it
-    to `path` (replacing an existing one only with `overwrite`): a failure leaves `path` as it was."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists: pass overwrite=True or choose another folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        cpu = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
-        save_file(cpu, str(staging / TENSORS_FILE), metadata={"format_version": str(metadata["format_version"])})
-        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=1) + "\n", encoding="utf-8")
-        staging.chmod(0o755)  # mkdtemp makes it owner-only
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(staging, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, path)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return path
-
-
 def read_metadata(path: Path) -> dict:
     """metadata.json of a pack folder, checked to be a pack of this format version."""
     if not path.is_dir():

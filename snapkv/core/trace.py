@@ -178,30 +178,9 @@ class Trace:
 
     # -- disk ----------------------------------------------------------------------------------------
     def save(self, path, *, overwrite: bool = False) -> Path:
-        """Write `path/tensors.safetensors` and `path/metadata.json`; nothing half-written is ever left.
-
-        Both files are written to a temporary folder next to `path`, which is then renamed into place.
-        """
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{path} already exists: pass overwrite=True or choose another folder")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
-            tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in self.tensors.items()}
-            save_file(tensors, str(staging / TENSORS_FILE), metadata={"format_version": str(FORMAT_VERSION)})
-            (staging / METADATA_FILE).write_text(json.dumps(self.metadata, indent=2) + "\n", encoding="utf-8")
-            if path.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-                os.replace(path, old / path.name)
-                os.replace(staging, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(staging, path)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
-        return path
+        """Write `path/tensors.safetensors` and `path/metadata.json`; nothing half-written is ever left
+        (`write_folder`)."""
+        return write_folder(path, self.tensors, self.metadata, FORMAT_VERSION, overwrite=overwrite)
 
     @classmethod
     def load(cls, path) -> "Trace":
@@ -256,3 +235,31 @@ class Trace:
 
     def _cut(self, tensor: torch.Tensor, row: int | None) -> torch.Tensor:
         return tensor if row is None else tensor[row, ..., self._row_span(row)[0]:]
+
+
+def write_folder(path, tensors: dict[str, torch.Tensor], metadata: dict, format_version: int, *,
+                 overwrite: bool = False) -> Path:
+    """Write `path/tensors.safetensors` and `path/metadata.json` (a trace, a KV pack) into a temporary sibling
+    folder, then rename it to `path` (replacing an existing one only with `overwrite`): a failure leaves `path`
+    as it was, and nothing half-written is ever left."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists: pass overwrite=True or choose another folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        cpu = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
+        save_file(cpu, str(staging / TENSORS_FILE), metadata={"format_version": str(format_version)})
+        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=1) + "\n", encoding="utf-8")
+        staging.chmod(0o755)  # mkdtemp makes it owner-only
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(staging, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, path)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return path

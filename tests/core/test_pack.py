@@ -12,6 +12,7 @@ from snapkv.core import compat
 from snapkv.core.cache import CompressedLayer
 
 pack_module = importlib.import_module("snapkv.core.pack")  # `snapkv.core.pack` is the function
+trace_module = importlib.import_module("snapkv.core.trace")
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is fastest
 
@@ -185,13 +186,13 @@ def test_a_failed_save_leaves_nothing_behind_and_the_old_pack_intact(llama, tmp_
             file.write(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(pack_module, "save_file", write_half_then_fail)
+    monkeypatch.setattr(trace_module, "save_file", write_half_then_fail)  # write_folder's writer
     with pytest.raises(OSError, match="disk full"):
         packed.save(tmp_path / "new")
     assert list(tmp_path.iterdir()) == []
     monkeypatch.undo()
     path = packed.save(tmp_path / "old")
-    monkeypatch.setattr(pack_module, "save_file", write_half_then_fail)
+    monkeypatch.setattr(trace_module, "save_file", write_half_then_fail)  # write_folder's writer
     with pytest.raises(OSError, match="disk full"):
         snapkv.pack(llama, ids(CONTEXT + 4)).save(path, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["old"]
