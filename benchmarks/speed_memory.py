@@ -9,8 +9,9 @@ budget below the prompt length) one fresh subprocess loads the model and measure
 standard library's own source) under `snapkv.compress`, then decodes greedily with a manual loop
 `model(next_token, cache=cache)`. It reports
 
-  prefill_s            the prompt forward(s) (the engine only remembers the observation window here)
-  first_step_s         the first single-token step: SnapKV selects and gathers the kept positions here
+  prefill_s            the prompt forward(s); in one forward SnapKV also selects and gathers each layer's kept
+                       positions right after its attention (chunked prefill: at the first step instead)
+  first_step_s         the first single-token step
   decode_ms_per_token  median over `--decode-tokens` further steps (wall clock; *_cpu_* is process CPU time)
   kv_cache_mib         keys + values bytes over cache.layers after decoding
   peak_rss_mib         the subprocess's peak resident memory (getrusage), model included

@@ -2,7 +2,8 @@
 
 It runs the stock SDPA kernel and shows every call to the active taps (compression, recording),
 held in a ContextVar. A tap (`Tap`) may swap the keys/values/mask before the kernel (the compressor does
-on the first decoding step) and reads the call after it.
+on decoding steps) and reads the call after it (the compressor compresses a layer there when the whole
+prompt came in one forward).
 """
 
 import contextvars
