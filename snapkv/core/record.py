@@ -234,7 +234,8 @@ class Recorder(Tap):
 
     def __init__(self, model, *, window_size: int = 32, generation: bool = True, max_bytes: int = 4 * 2**30,
                  reducer: str = "raw", reduce_window: int = 128, top_k: int = 32, max_new_tokens: int | None = None,
-                 tokenizer=None, teacher_forced_prompt_length: int | None = None):
+                 tokenizer=None, teacher_forced_prompt_length: int | None = None,
+                 prefix_ids: torch.Tensor | None = None):
         _check_settings(window_size=window_size, generation=generation, max_bytes=max_bytes, reducer=reducer,
                         reduce_window=reduce_window, top_k=top_k, max_new_tokens=max_new_tokens)
         self.model = model
@@ -247,6 +248,7 @@ class Recorder(Tap):
         self.max_new_tokens = max_new_tokens
         self.tokenizer = tokenizer
         self.teacher_forced_prompt_length = teacher_forced_prompt_length
+        self.prefix_ids = prefix_ids  # tokens already in the cache that the first forward continues
         self.block_size = 64
         text_config = model.config.get_text_config()
         self.num_layers = text_config.num_hidden_layers
@@ -286,9 +288,12 @@ class Recorder(Tap):
         mask = kwargs.get("attention_mask")
         real = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         prompt = self._prompt
-        if past == 0:
+        prefix = 0 if self.prefix_ids is None else self.prefix_ids.shape[1]
+        if past == 0 or (prompt is None and past == prefix):
             self.finish()
             prompt = _Prompt(batch=batch, policy=_active_policy())
+            if past:
+                prompt.ids.append(self.prefix_ids.cpu())
         elif prompt is None:
             raise ValueError(
                 f"snapkv.record must see a prompt from its first token, but this forward continues a cache of "
@@ -406,8 +411,9 @@ class Recorder(Tap):
         self._store_rows(call.layer, prompt, *to_prompt_positions(probs, slots, prompt.width))
 
     def _teacher_forced(self, call: AttentionCall, prompt: _Prompt, prompt_length: int) -> None:
-        total = call.key.shape[-2]
-        window = call.query[:, :, max(prompt_length - self.window_size, 0) : prompt_length]
+        past = self._forward_past  # query i of this forward is input position past + i
+        total = past + self._forward_length
+        window = call.query[:, :, max(prompt_length - self.window_size, 0) - past : prompt_length - past]
         prompt.observation[call.layer] = self._observe(call, prompt, window, prompt_length).cpu()
         if not self.generation:
             return
@@ -418,7 +424,8 @@ class Recorder(Tap):
             stop = min(start + self.block_size, total)
             rows = torch.arange(start, stop, device=call.key.device)
             visible = visible_slots(rows, slots, real=real, sliding_window=sliding_window)
-            probs = attention_rows(call.query[:, :, start:stop], call.key, visible, scaling=call.scaling)
+            probs = attention_rows(call.query[:, :, start - past : stop - past], call.key, visible,
+                                   scaling=call.scaling)
             self._store_rows(call.layer, prompt, *to_prompt_positions(probs, slots, prompt_length))
 
     def _store_rows(self, layer: int, prompt: _Prompt, prompt_rows: torch.Tensor, mass: torch.Tensor) -> None:
@@ -610,13 +617,18 @@ def record(model, window_size: int = 32, generation: bool = True, max_bytes: int
 
 def record_teacher_forced(model, prompt_ids, response_ids, window_size: int = 32, *, attention_mask=None,
                           generation: bool = True, max_bytes: int = 4 * 2**30, reducer: str = "raw",
-                          reduce_window: int = 128, top_k: int = 32, tokenizer=None, block_size: int = 64) -> Trace:
+                          reduce_window: int = 128, top_k: int = 32, tokenizer=None, block_size: int = 64,
+                          cache=None) -> Trace:
     """One forward over prompt + response; the response tokens' rows are recorded as if generated.
 
     prompt_ids (batch, P) or (P,), left-padded with `attention_mask` (batch, P); response_ids (batch, R) or
     (R,). Row i of `generation_attention` is response token i's attention over the prompt (evicting nothing),
     and `generated_mass` its attention on response tokens 0..i. Rows are computed `block_size` at a time.
     This is how the paper's observation code reads reference answers (teacher forcing).
+    cache: a plain cache (`compat.new_cache` + `compat.prefill`) that already holds the first C prompt tokens,
+    e.g. a document shared by several questions; only the rest runs, on a copy (the cache is left as it was).
+    The observation window must lie after those C tokens. The trace equals the one of a whole forward up to
+    float rounding (the prefix's keys come from a forward of another length).
     """
     prompt_ids = torch.as_tensor(prompt_ids, dtype=torch.long)
     response_ids = torch.as_tensor(response_ids, dtype=torch.long)
@@ -631,12 +643,22 @@ def record_teacher_forced(model, prompt_ids, response_ids, window_size: int = 32
     if attention_mask is not None:
         attention_mask = torch.as_tensor(attention_mask, dtype=torch.long).reshape(prompt_ids.shape)
         mask[:, :prompt_length] = attention_mask
+    cached = 0 if cache is None else cache.get_seq_length()
+    if cached > prompt_length - min(window_size, prompt_length):
+        raise ValueError(f"the cache holds {cached} tokens, but the observation window (the last {window_size} of "
+                         f"{prompt_length} prompt tokens) must come after them: prefill fewer tokens into it")
     device = next(model.parameters()).device
     recorder = Recorder(model, window_size=window_size, generation=generation, max_bytes=max_bytes,
                         reducer=reducer, reduce_window=reduce_window, top_k=top_k, tokenizer=tokenizer,
-                        teacher_forced_prompt_length=prompt_length)
+                        teacher_forced_prompt_length=prompt_length, prefix_ids=ids[:, :cached] if cached else None)
     recorder.block_size = block_size
+    # logits_to_keep=1: nothing here reads the logits, and the vocabulary projection of every position
+    # would cost a sixth of the forward on SmolLM2 and more than half on Gemma 3 (262K-token vocabulary)
     with torch.no_grad(), attach(model, recorder):
-        model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+        if cached:
+            compat.forward(model, ids[:, cached:].to(device), compat.copy_cache(cache),
+                           attention_mask=mask.to(device), logits_to_keep=1)
+        else:
+            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False, logits_to_keep=1)
     recorder.finish()
     return recorder.traces[-1]

@@ -13,6 +13,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 import snapkv
+from snapkv.core import compat
 from snapkv.core.record import Recorder, estimate_trace_bytes, record_teacher_forced
 from snapkv.core.trace import Trace
 
@@ -251,6 +252,23 @@ def test_teacher_forced_without_response_or_generation(qwen3):
                                            + ["input_ids", "attention_mask"])
     with pytest.raises(ValueError, match="generation=False"):
         trace.generation_attention(0)
+
+
+@pytest.mark.parametrize("cached", [20, PROMPT - WINDOW])  # gemma3's sliding window (16) is shorter than both
+def test_teacher_forcing_after_a_cached_prefix_records_the_same(model, cached):
+    ids, response = prompt_ids(1), prompt_ids(1, NEW, seed=3)
+    whole = record_teacher_forced(model, ids, response, window_size=WINDOW)
+    cache = compat.new_cache(model)
+    with torch.no_grad():
+        compat.prefill(model, ids[:, :cached], cache)
+    continued = record_teacher_forced(model, ids, response, window_size=WINDOW, cache=cache, block_size=4)
+    assert cache.get_seq_length() == cached  # the caller's cache is left as it was
+    assert torch.equal(continued.input_ids, whole.input_ids) and continued.generated == NEW
+    for layer in whole.layers:
+        for read in ("observation_attention", "generation_attention", "generated_mass"):
+            assert torch.allclose(getattr(continued, read)(layer), getattr(whole, read)(layer), atol=ATOL, rtol=0)
+    with pytest.raises(ValueError, match="observation window"):
+        record_teacher_forced(model, ids, response, window_size=PROMPT - cached + 1, cache=cache)
 
 
 @pytest.mark.parametrize("length", [60, 2 * 16 + 1])  # 33: the last chunk of 16 is a single token

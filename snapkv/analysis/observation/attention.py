@@ -21,6 +21,7 @@ from snapkv.analysis.observation.metrics import (
     sink_positions,
     voted_set,
 )
+from snapkv.core.compat import new_cache, prefill
 from snapkv.core.compress import attach
 from snapkv.core.hook import AttentionCall, Tap
 from snapkv.core.record import record_teacher_forced
@@ -74,20 +75,28 @@ def greedy_continuation(model, prompt_ids, new_tokens: int) -> torch.Tensor:
 def voted_overlap(model, sequences: list, document_len: int, *, window_size: int = 32,
                   top_k: float | int = 0.05, references=REFERENCES) -> pd.DataFrame:
     """Overlap of the voted sets of several sequences that share their first `document_len` tokens
-    (one document, different questions; paper v2 Fig. 4).
+    (one document, different questions; paper v2 Fig. 4). The document runs through the model once.
 
     Each sequence's last `window_size` tokens (its question and answer) vote over the shared document;
     overlap(a, b) = |V_a & V_b| / k per head, averaged over heads. Returns columns layer, pair (a, b),
     reference ("snapkv", or a reference set of the same size: random sets drawn independently per
     question, recency/streaming sets, which ignore the question), overlap, and `chance` = k / document_len.
     """
-    votes = []
+    sequences = [_as_row(ids) for ids in sequences]
+    document = sequences[0][:, :document_len]
     for ids in sequences:
-        ids = _as_row(ids)
+        if not torch.equal(ids[:, :document_len], document):
+            raise ValueError(f"the sequences differ within their first {document_len} tokens: pass the length of "
+                             "the prefix they really share as document_len")
         if ids.shape[1] - window_size < document_len:
             raise ValueError(f"a sequence's observation window reaches into the shared document: use a "
                              f"window_size below {ids.shape[1] - document_len}")
-        trace = record_teacher_forced(model, ids, ids[:, :0], window_size=window_size, generation=False)
+    cache = new_cache(model)  # the document runs once; each question continues a copy of its cache
+    with torch.no_grad():
+        prefill(model, document.to(model.device), cache)
+    votes = []
+    for ids in sequences:
+        trace = record_teacher_forced(model, ids, ids[:, :0], window_size=window_size, generation=False, cache=cache)
         votes.append({layer: trace.observation_attention(layer)[..., :document_len] for layer in trace.layers})
     k = int(top_k * document_len) if isinstance(top_k, float) else int(top_k)
     records = []

@@ -33,6 +33,7 @@ from snapkv.analysis.reporting import runs
 INDEX = "index.html"
 FIGURES = "figures"
 BENCHMARKS = "benchmarks"
+NOT_RUN = 3  # a benchmark's exit code for "cannot run here" (its last log line says why)
 MODEL_PARAMETERS = ("model_name", "device", "dtype")  # which model the notebooks load, where, in which precision
 MODELS = runs.MODELS  # <out>/models/NAME/: a second model's pass
 
@@ -73,9 +74,11 @@ class Benchmark:
 
 
 def default_benchmarks(benchmark_dir) -> list[Benchmark]:
-    """The project's benchmarks present in `benchmark_dir`: speed_memory.py (CPU) and gpu_scale.py (CUDA)."""
+    """The project's benchmarks present in `benchmark_dir`: speed_memory.py (CPU), peers.py (beside kvpress, in
+    an environment of its own) and gpu_scale.py (CUDA)."""
     folder = Path(benchmark_dir)
     known = [Benchmark("speed_memory", folder / "speed_memory.py", ("speed_memory.json", "speed_memory.png")),
+             Benchmark("peers", folder / "peers.py", ("peers.json", "peers.png")),
              Benchmark("gpu_scale", folder / "gpu_scale.py", ("gpu_scale.json", "gpu_scale.png"), needs_cuda=True)]
     return [benchmark for benchmark in known if benchmark.script.is_file()]
 
@@ -211,7 +214,8 @@ def _benchmark_part(benchmark: Benchmark, out_dir: Path, quick: bool, force: boo
 def run_benchmark(benchmark: Benchmark, folder: Path, quick: bool) -> dict:
     """Run one benchmark script into `folder`; its stdout and stderr go to `folder/NAME.log`.
 
-    Returns status ("ok"/"failed"), seconds, error (exit code and the log's last lines), command, log, outputs.
+    Returns status ("ok"/"failed", or "not run" when the script exits with NOT_RUN: it could not run here, and
+    its last log line says why), seconds, error (exit code and the log's last lines), command, log, outputs.
     """
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / f"{benchmark.name}.log"
@@ -222,6 +226,9 @@ def run_benchmark(benchmark: Benchmark, folder: Path, quick: bool) -> dict:
         with log.open("w", encoding="utf-8") as stream:
             done = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, cwd=benchmark.script.parent.parent,
                                   check=False)
+        if done.returncode == NOT_RUN:
+            return {"status": "not run", "seconds": round(time.perf_counter() - start, 2),
+                    "error": _log_tail(log, lines=1), "command": command, "log": str(log), "outputs": []}
         if done.returncode != 0:
             error = f"exit code {done.returncode}: {_log_tail(log)}"
     except OSError as failure:

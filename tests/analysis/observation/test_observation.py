@@ -68,6 +68,8 @@ def test_voted_overlap_is_one_for_identical_questions_and_matches_sets():
         sets = [attn[row.layer][0, :, -12:, :60].sum(1).topk(6, dim=-1).indices for attn in attentions]
         shared = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(*sets))
         assert row.overlap == pytest.approx(shared / (6 * sets[0].shape[0]))
+    with pytest.raises(ValueError, match="differ within their first 61 tokens"):
+        voted_overlap(model, sequences, 61, window_size=11, top_k=6)
 
 
 def test_windows_along_prompt_last_window_equals_the_observation_hit_rate():

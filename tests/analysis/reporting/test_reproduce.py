@@ -239,6 +239,18 @@ def test_benchmarks_are_found_next_to_the_notebooks_and_cuda_ones_wait_for_a_gpu
                                                         "gpu_scale": "ok"}
 
 
+def test_a_benchmark_that_cannot_run_here_is_not_run_with_its_reason(folders, tmp_path):
+    notebooks, out = folders
+    write_notebook(notebooks / "01_only.ipynb", "print(1)")
+    body = "print('trying to install the peer')\nprint('not run: no package index reachable')\nraise SystemExit(3)\n"
+    bench = Benchmark("peer", write_benchmark(tmp_path / "benchmarks", "peer", body), ("peer.json", "peer.png"))
+    parts = reproduce(out, notebook_dir=notebooks, benchmarks=[bench], progress=False).set_index("part")
+    assert parts.status.to_dict() == {"01_only.ipynb": "ok", "peer": "not run"}
+    assert parts.error["peer"] == "not run: no package index reachable"
+    assert "no package index reachable" in (out / "index.html").read_text()
+    assert read_run_record(out)["benchmarks"]["peer"]["status"] == "not run"
+
+
 def test_cli_rejects_a_benchmark_folder_without_known_scripts(folders, tmp_path, capsys):
     notebooks, out = folders
     write_notebook(notebooks / "01_only.ipynb", "print(1)")
