@@ -157,11 +157,11 @@ def needle_rows(model, tokenizer, lengths, budgets) -> list[dict]:
     from tqdm.auto import tqdm
 
     from snapkv.analysis.quality.prompts import needle_prompts
-    from snapkv.analysis.quality.runner import _stop_ids
+    from snapkv.analysis.quality.runner import stop_ids_of
     from snapkv.analysis.quality.scoring import score_answer
 
     prompts = needle_prompts(tokenizer, lengths=lengths, depths=DEPTHS)
-    stop_ids = _stop_ids(tokenizer)
+    stop_ids = stop_ids_of(tokenizer)
     rows = []
     runs = [(p, b) for p in prompts for b in budgets if b < p.prompt_tokens]
     for prompt, budget in tqdm(runs, desc="needle answers", unit="prompt"):

@@ -37,7 +37,7 @@ import torch
 from snapkv import FullCache, SnapKV
 from snapkv.analysis.quality.cluster_width import needle_sweep
 from snapkv.analysis.quality.methods import Method, check_lengths_fit
-from snapkv.analysis.quality.prompts import QualityPrompt, _fill, _tail, check_samples
+from snapkv.analysis.quality.prompts import QualityPrompt, check_samples, fill_haystack, question_tail
 from snapkv.analysis.quality.runner import DEFAULT_PREFILL_CHUNK
 from snapkv.analysis.text import chat_parts, stdlib_haystack_text, token_ids
 from snapkv.core import check_int
@@ -169,12 +169,12 @@ def calibration_prompts(tokenizer, lengths: Sequence[int], samples: int = 3, see
             rng = random.Random(f"calibration-{seed}-{length}-{sample}")
             fact = calibration_fact(rng)
             needle = token_ids(tokenizer, f"\n{fact['sentence']}\n")
-            tail = _tail(tokenizer, end, fact["question"], fact["answer_prefix"])
+            tail = question_tail(tokenizer, end, fact["question"], fact["answer_prefix"])
             depth = (sample + 0.5) / samples
             if length - len(head) - len(tail) - len(needle) < 1:
                 raise ValueError(f"a {length}-token calibration prompt cannot hold its fact and question "
                                  f"({len(head) + len(tail) + len(needle)} tokens): use longer lengths")
-            context, (start,) = _fill(haystack, [(depth, needle)], length - len(head) - len(tail), rng)
+            context, (start,) = fill_haystack(haystack, [(depth, needle)], length - len(head) - len(tail), rng)
             prompts.append(QualityPrompt(
                 task="calibration", length=length, sample=sample, context_ids=tuple(head + context),
                 tail_ids=tuple(tail), expected=(fact["value"],), scoring="contains_all", max_new_tokens=MAX_NEW_TOKENS,

@@ -29,7 +29,7 @@ from snapkv.analysis.observation.experiments import run_over_samples
 from snapkv.analysis.observation.metrics import metric_records, pool, sink_positions, summarize, voted_set
 from snapkv.analysis.quality.methods import Method, check_lengths_fit
 from snapkv.analysis.quality.prompts import NEEDLE_FORMATS, TASKS, QualityPrompt
-from snapkv.analysis.quality.runner import DEFAULT_PREFILL_CHUNK, _answers, evaluate, needle_tokens
+from snapkv.analysis.quality.runner import DEFAULT_PREFILL_CHUNK, evaluate, method_answers, needle_tokens
 from snapkv.analysis.quality.scoring import prefix_score, score_answer
 from snapkv.analysis.quality.statistics import with_full_score
 from snapkv.analysis.text import chat_ids, chat_request
@@ -197,7 +197,7 @@ def needle_sweep(model, tokenizer, prompts: Sequence[QualityPrompt], methods: Se
     check_lengths_fit({p.length for p in prompts}, model, max(p.max_new_tokens for p in prompts))
     tokens = {id(prompt): needle_tokens(tokenizer, prompt) for prompt in prompts}  # raises for a non-needle prompt
     rows = []
-    for prompt, mode, name, budget, text, answer, _ in _answers(
+    for prompt, mode, name, budget, text, answer, _ in method_answers(
             model, tokenizer, prompts, methods, modes=("question-aware",), desc="needle prompts",
             prefill_chunk_size=prefill_chunk_size, progress=progress):
         score, correct = score_answer(prompt, text)

@@ -80,12 +80,12 @@ class QualityPrompt:
         return list(self.context_ids) + list(self.tail_ids)
 
 
-def _tail(tokenizer, end: str, question: str, answer_prefix: str) -> list[int]:
+def question_tail(tokenizer, end: str, question: str, answer_prefix: str) -> list[int]:
     asked = question_text(tokenizer, question)
     return token_ids(tokenizer, f"\n\n{asked}{answer_start(tokenizer, end, answer_prefix)}")
 
 
-def _fill(haystack: list[int], inserts: list[tuple[float, list[int]]], length: int, rng: random.Random
+def fill_haystack(haystack: list[int], inserts: list[tuple[float, list[int]]], length: int, rng: random.Random
           ) -> tuple[list[int], list[int]]:
     """`length` tokens: a window of the haystack with each (depth, ids) insert placed so that it starts at
     haystack token round(depth * filler) (filler = length minus the inserts), inserts in depth order.
@@ -165,12 +165,12 @@ def needle_prompts(tokenizer, *, lengths=DEFAULT_LENGTHS, depths=DEFAULT_DEPTHS,
             rng = random.Random(f"needle-{seed}-{length}-{sample}")
             fact = needle_fact(rng, needle_format)
             needle = token_ids(tokenizer, f"\n{fact['sentence']}\n")
-            tail = _tail(tokenizer, end, fact["question"], fact["answer_prefix"])
+            tail = question_tail(tokenizer, end, fact["question"], fact["answer_prefix"])
             body = length - len(head) - len(tail)
             window_rng_state = rng.getstate()
             for depth in depths:
                 rng.setstate(window_rng_state)
-                context, (start,) = _fill(haystack, [(depth, needle)], body, rng)
+                context, (start,) = fill_haystack(haystack, [(depth, needle)], body, rng)
                 prompts.append(QualityPrompt(
                     task="needle", length=length, sample=sample, context_ids=tuple(head + context),
                     tail_ids=tuple(tail), expected=(fact["value"],), scoring="contains_all", max_new_tokens=12,
@@ -222,7 +222,7 @@ def _good_target_line(line: str) -> bool:
 
 
 def _code_prompt(tokenizer, rng: random.Random, head, end, length: int, sample: int, modules) -> QualityPrompt:
-    tail = _tail(tokenizer, end, CODE_QUESTION, "")
+    tail = question_tail(tokenizer, end, CODE_QUESTION, "")
     instruction = token_ids(tokenizer, CODE_INSTRUCTION)
     body = length - len(head) - len(tail) - len(instruction)
     candidates = list(modules)
@@ -276,9 +276,9 @@ def task_prompts(tokenizer, *, tasks=TASKS, lengths=DEFAULT_LENGTHS, samples: in
                 depths = [rng.uniform(0.05, 0.95) for _ in inserts]
                 if facts.get("ordered"):
                     depths.sort()
-                tail = _tail(tokenizer, end, facts["question"], facts["answer_prefix"])
+                tail = question_tail(tokenizer, end, facts["question"], facts["answer_prefix"])
                 body = length - len(head) - len(tail)
-                context, _ = _fill(haystack, list(zip(depths, inserts)), body, rng)
+                context, _ = fill_haystack(haystack, list(zip(depths, inserts)), body, rng)
                 prompts.append(QualityPrompt(
                     task=task, length=length, sample=sample, context_ids=tuple(head + context),
                     tail_ids=tuple(tail), expected=facts["expected"], scoring="contains_all",

@@ -155,7 +155,7 @@ def answers_with_shared_prefill(model, context_ids, tail_ids, methods: Sequence[
 # -- experiments ----------------------------------------------------------------------------------------------
 
 
-def _stop_ids(tokenizer) -> set[int]:
+def stop_ids_of(tokenizer) -> set[int]:
     ids = {tokenizer.eos_token_id}
     for token in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>"):
         found = tokenizer.convert_tokens_to_ids(token) if hasattr(tokenizer, "convert_tokens_to_ids") else None
@@ -171,11 +171,11 @@ def _line_stop(tokenizer):
     return stop
 
 
-def _answers(model, tokenizer, prompts: Sequence[QualityPrompt], methods: Sequence[Method], *, modes, desc: str,
+def method_answers(model, tokenizer, prompts: Sequence[QualityPrompt], methods: Sequence[Method], *, modes, desc: str,
              prefill_chunk_size: int | None, progress: bool = True):
     """Yield (prompt, mode, method name, budget, answer text, GeneratedAnswer, prefill seconds) for every prompt,
     from one shared prefill per prompt; methods whose budget is >= the prompt's length are skipped."""
-    stop_ids = _stop_ids(tokenizer)
+    stop_ids = stop_ids_of(tokenizer)
     bar = tqdm(prompts, desc=desc, unit="prompt", disable=not progress)
     for prompt in bar:
         bar.set_postfix_str(f"{prompt.task} {prompt.length} tokens")
@@ -207,7 +207,7 @@ def evaluate(model, tokenizer, prompts: Sequence[QualityPrompt], methods: Sequen
         raise ValueError("no prompts to evaluate")
     check_lengths_fit({p.length for p in prompts}, model, max(p.max_new_tokens for p in prompts))
     rows = []
-    for prompt, mode, name, budget, text, answer, prefill_seconds in _answers(
+    for prompt, mode, name, budget, text, answer, prefill_seconds in method_answers(
             model, tokenizer, prompts, methods, modes=modes, desc="prompts", prefill_chunk_size=prefill_chunk_size,
             progress=progress):
         score, correct = score_answer(prompt, text)
@@ -266,7 +266,7 @@ def needle_retention_experiment(model, tokenizer, prompts: Sequence[QualityPromp
     frames = [needle_retention(tokens[id(prompt)], answer.kept_positions).assign(
                   length=prompt.length, depth=prompt.depth, sample=prompt.sample, method=name, budget=budget,
                   answer=text, score=score_answer(prompt, text)[0])
-              for prompt, _, name, budget, text, answer, _ in _answers(
+              for prompt, _, name, budget, text, answer, _ in method_answers(
                   model, tokenizer, prompts, methods, modes=("question-aware",), desc="needle tokens",
                   prefill_chunk_size=prefill_chunk_size)]
     table = pd.concat(frames, ignore_index=True)

@@ -128,11 +128,12 @@ def test_task_prompts_hold_their_facts():
 def test_fill_places_several_inserts_in_depth_order():
     import random
     haystack = list(range(1000, 2000))
-    ids, starts = quality.prompts._fill(haystack, [(0.8, [1, 2]), (0.2, [3]), (0.2, [4, 5])], 50, random.Random(0))
+    inserts = [(0.8, [1, 2]), (0.2, [3]), (0.2, [4, 5])]
+    ids, starts = quality.prompts.fill_haystack(haystack, inserts, 50, random.Random(0))
     assert len(ids) == 50 and ids[starts[0] : starts[0] + 2] == [1, 2] and ids[starts[1]] == 3
     assert starts[1] < starts[2] < starts[0]
     with pytest.raises(ValueError, match="haystack has"):
-        quality.prompts._fill(haystack[:10], [(0.5, [1])], 50, random.Random(0))
+        quality.prompts.fill_haystack(haystack[:10], [(0.5, [1])], 50, random.Random(0))
 
 
 # -- scoring --------------------------------------------------------------------------------------------------
