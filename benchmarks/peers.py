@@ -180,7 +180,8 @@ def needle_rows(model, tokenizer, lengths, budgets) -> list[dict]:
 
 
 def inner(args) -> int:
-    import kvpress
+    import importlib.metadata
+
     import torch
     import transformers
 
@@ -192,7 +193,7 @@ def inner(args) -> int:
     started = time.perf_counter()
     speed = speed_rows(model, tokenizer, args.lengths, args.budget, args.decode_tokens, args.rounds)
     needle = needle_rows(model, tokenizer, args.needle_lengths, args.needle_budgets)
-    env = environment(model) | {"kvpress": getattr(kvpress, "__version__", "?"),
+    env = environment(model) | {"kvpress": importlib.metadata.version("kvpress"),
                                 "transformers": transformers.__version__, "torch_threads": args.threads,
                                 "loadavg_end": os.getloadavg(), "total_s": time.perf_counter() - started}
     results = {"complete": True, "settings": vars(args) | {"snapkv": SETTINGS, "depths": DEPTHS},
@@ -243,12 +244,16 @@ def plot(results: dict, path: Path) -> None:
 
     speed = pd.DataFrame(results["speed"])
     needle = pd.DataFrame(results["needle"])
-    figure, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.2))
+    figure, (left, middle, prefill, right) = plt.subplots(1, 4, figsize=(19, 4.2))
     speed["label"] = speed.method + speed.prompt_len.map(lambda n: f"\n{n} tokens")
     left.barh(speed.label, speed.decode_ms_per_token, color="#4c72b0")
     left.set_xlabel("decode ms/token (median; fastest round)")
-    middle.barh(speed.label, speed.first_step_s * 1000, color="#dd8452", label="first step")
+    middle.barh(speed.label, speed.first_step_s * 1000, color="#dd8452")
     middle.set_xlabel("first decoding step, ms")
+    middle.set_yticklabels([])
+    prefill.barh(speed.label, speed.prefill_s, color="#8172b3")
+    prefill.set_xlabel("prefill (and compression), s")
+    prefill.set_yticklabels([])
     by_budget = needle.groupby(["budget", "method"]).correct.mean().unstack()
     same = needle[needle.method == "snapkv.SnapKV"].groupby("budget").identical.mean()
     by_budget.plot.bar(ax=right, rot=0, color=["#55a868", "#c44e52"])
@@ -259,7 +264,8 @@ def plot(results: dict, path: Path) -> None:
     right.set_title(f"{len(needle) // 2} answers per library", fontsize=9)
     env = results["environment"]
     figure.suptitle(f"snapkv beside kvpress {env['kvpress']} (transformers {env['transformers']}), SmolLM2, "
-                    f"{env['torch_threads']} threads; SnapKV window 64, kernel 5, avgpool, GQA mean", fontsize=10)
+                    f"{env['torch_threads']} threads, load average at the end {env['loadavg_end'][0]:.1f}; SnapKV "
+                    "window 64, kernel 5, avgpool, GQA mean", fontsize=10)
     figure.tight_layout()
     partial = path.with_name(path.stem + ".tmp.png")
     figure.savefig(partial, dpi=110)

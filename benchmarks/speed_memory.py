@@ -30,6 +30,11 @@ kvpress` works (it needs transformers < 5.3, so it is normally recorded as not i
 attention row per decoding step), so its compress_overhead / decode_speedup_vs_full columns are what
 recording costs (benchmarks/record_overhead.py measures it side by side, with trace sizes).
 
+Peak RSS depends on glibc's allocator: by default its mmap threshold rises as large blocks are freed, so later
+prefill temporaries land on the heap and freed ones stay resident. `MALLOC_MMAP_THRESHOLD_=65536 python
+benchmarks/speed_memory.py ...` fixes the threshold for the workers (recorded in the JSON's environment): peaks
+then follow what is alive, at the cost of a slower prefill (every large temporary is fresh pages).
+
 Writes <out>/speed_memory.json (rows, settings, environment, target ratios at 8K / budget 1024) and
 <out>/speed_memory.png. Wall-clock numbers depend on what else the machine runs: the JSON records the
 load average before and after every configuration.
@@ -417,7 +422,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     kvpress = kvpress_status()
     env = environment(model_id=DEFAULT_MODEL_ID, device="cpu", dtype="float32", torch_threads=args.threads,
-                      kvpress=kvpress)
+                      kvpress=kvpress, malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"))
     configs = configurations(args.lengths, args.long_lengths, args.budgets, args.decode_tokens,
                              kvpress["available"], record=args.record)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
