@@ -69,7 +69,6 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import pandas as pd
 
     frame = pd.DataFrame(rows).set_index("label")
