@@ -1,6 +1,6 @@
 """Where the observation notebooks' time goes: one sample of each experiment in full-mode settings, profiled.
 
-    python benchmarks/notebook_profile.py [--model NAME] [--experiments 01 01s 02 03 04 05] [--out reports/benchmarks]
+    python benchmarks/notebook_profile.py [--model NAME] [--experiments 01 02 03 04 05] [--out reports/benchmarks]
 
 For each experiment of notebooks 01-05 (`snapkv.analysis.observation.experiments`, their full-mode settings) it
 runs the first sample (the first document for 03 and 04) under cProfile and splits its wall time into the parts
@@ -33,8 +33,8 @@ def experiments(model, tokenizer, data_dir: str) -> dict:
     documents = E.shortest_records("documents", data_dir, 1)
     windows = E.WindowsAlongPromptSettings()
     return {
-        "01": ("hit rate, both protocols", lambda: E.hit_rate_experiment(model, tokenizer, chat, E.HitRateSettings())),
-        "01s": ("sensitivity", lambda: E.sensitivity_experiment(model, tokenizer, chat, E.HitRateSettings())),
+        "01": ("hit rate, both protocols, and the sensitivity sweep",
+               lambda: E.hit_rate_experiment(model, tokenizer, chat, E.HitRateSettings())),
         "02": ("windows along the prompt", lambda: E.windows_along_prompt_experiment(
             model, tokenizer, E.windows_samples(data_dir, windows)[:1], windows)),
         "03": ("questions, same document", lambda: E.question_overlap_experiment(
@@ -86,7 +86,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="an embedded model's name or a path (default: SmolLM2)")
-    parser.add_argument("--experiments", nargs="+", default=["01", "01s", "02", "03", "04", "05"])
+    parser.add_argument("--experiments", nargs="+", default=["01", "02", "03", "04", "05"])
     parser.add_argument("--data", default="data")
     parser.add_argument("--out", default="reports/benchmarks")
     args = parser.parse_args(argv)

@@ -1,5 +1,7 @@
 """Tiny randomly initialised decoders built in code (no hub): one per attention family we support."""
 
+from types import SimpleNamespace
+
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -38,3 +40,35 @@ def tiny_model(family: str = "llama", seed: int = 0):
     model = AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation="sdpa", dtype=torch.float32)
     model.generation_config.pad_token_id = 0
     return model.eval()
+
+
+EOS = 127
+
+
+class AsciiTokenizer:
+    """One token per ASCII character (non-ASCII becomes '?'), id 127 = end of turn: fits the tiny models."""
+
+    eos_token_id = EOS
+    unk_token_id = None
+
+    def __call__(self, text, add_special_tokens=False):
+        return SimpleNamespace(input_ids=[ord(c) if ord(c) < EOS else ord("?") for c in text])
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(i) for i in ids if i != EOS)
+
+    chat_template = "<u>{{ messages[0]['content'] }}</u>\n<a>"
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return "<u>" + messages[0]["content"] + "</u>\n<a>"
+
+
+class PlainAsciiTokenizer(AsciiTokenizer):
+    """A base model's tokenizer: no chat template, id 1 = <bos> put before any text."""
+
+    chat_template = None
+    bos_token_id = 1
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = super().__call__(text).input_ids
+        return SimpleNamespace(input_ids=[self.bos_token_id] * add_special_tokens + ids)

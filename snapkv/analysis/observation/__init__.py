@@ -6,6 +6,7 @@ rate, bootstrap summaries) -> readings (the notebooks' conclusions as text) -> p
 
 from snapkv.analysis.observation.attention import (
     WindowVotes,
+    generation_attention,
     greedy_continuation,
     hit_rate_along_generation,
     teacher_forced_attention,
@@ -23,7 +24,6 @@ from snapkv.analysis.observation.experiments import (
     question_overlap_experiment,
     question_position_experiment,
     run_over_samples,
-    sensitivity_experiment,
     shortest_records,
     voting_variants_experiment,
     windows_along_prompt_experiment,
@@ -35,7 +35,7 @@ from snapkv.analysis.observation.metrics import (
     REFERENCES,
     hit_rate_by_depth,
     hit_rate_table,
-    important_set,
+    important_positions,
     main_protocol,
     metric_records,
     pool,
@@ -73,11 +73,11 @@ from snapkv.analysis.observation.readings import (
 )
 
 __all__ = [
-    "voted_set", "important_set", "REFERENCES", "reference_set", "sink_positions", "token_metrics", "COUNTS",
+    "voted_set", "important_positions", "REFERENCES", "reference_set", "sink_positions", "token_metrics", "COUNTS",
     "ratios", "pool", "DEPTH_METRICS", "main_protocol", "hit_rate_by_depth", "hit_rate_by_depth_figure",
     "hit_rate_by_depth_reading", "reference_sets", "metric_records", "hit_rate_table", "sensitivity_table", "summarize",
-    "hit_rate_along_generation", "teacher_forced_attention", "greedy_continuation", "voted_overlap",
-    "run_over_samples", "WindowVotes", "windows_along_prompt", "hit_rate_experiment", "sensitivity_experiment",
+    "hit_rate_along_generation", "generation_attention", "teacher_forced_attention", "greedy_continuation",
+    "voted_overlap", "run_over_samples", "WindowVotes", "windows_along_prompt", "hit_rate_experiment",
     "windows_along_prompt_experiment", "question_overlap_experiment", "question_position_experiment",
     "voting_variants_experiment", "HitRateSettings", "WindowsAlongPromptSettings", "QuestionOverlapSettings",
     "QuestionPositionSettings", "VotingVariantsSettings", "shortest_records", "windows_samples", "layer_thirds",

@@ -15,6 +15,7 @@ import torch
 from snapkv.analysis.observation.metrics import (
     REFERENCES,
     hit_rate_table,
+    important_positions,
     metric_records,
     reference_set,
     reference_sets,
@@ -35,31 +36,44 @@ def _as_row(ids) -> torch.Tensor:
 
 def hit_rate_along_generation(model, input_ids, prompt_len: int, *, window_size: int = 128, steps: int = 4,
                               top_k: float | int = 0.05, threshold: float = 0.05,
-                              generation_window: int | None = None, by_head: bool = False) -> pd.DataFrame:
+                              generation_window: int | None = None, by_head: bool = False,
+                              cache=None) -> pd.DataFrame:
     """Hit rate per layer for `steps` consecutive generation windows of one sequence (paper Fig. 2).
 
     input_ids: (1, prompt_len + response) or (prompt_len + response,): the prompt followed by the
     answer, fed by teacher forcing (the authors' protocol with a reference answer; pass the model's
     own greedy output for the generation protocol). generation_window: tokens per window (default
-    window_size, as in the authors' code). Returns columns layer, window, hits, important, hit_rate, tokens.
+    window_size, as in the authors' code). cache: a cache holding a prefix of the prompt, continued on a copy
+    (`record_teacher_forced`). Returns columns layer, window, hits, important, hit_rate, tokens.
     """
-    ids = _as_row(input_ids)
     generation_window = generation_window or window_size
+    observation, generated = generation_attention(model, input_ids, prompt_len, window_size=window_size, steps=steps,
+                                                  generation_window=generation_window, cache=cache)
+    return hit_rate_table(observation, generated, window_size=window_size, generation_window=generation_window,
+                          top_k=top_k, threshold=threshold, by_head=by_head)
+
+
+def generation_attention(model, input_ids, prompt_len: int, *, window_size: int, steps: int, generation_window: int,
+                         cache=None) -> tuple[dict, dict]:
+    """The recording behind `hit_rate_along_generation` (its arguments, checked the same way), for a caller
+    that reads it more than once: ({layer: observation attention}, {layer: the answer's first
+    steps * generation_window rows})."""
+    ids = _as_row(input_ids)
     needed = prompt_len + steps * generation_window
     if ids.shape[1] < needed:
         raise ValueError(f"input_ids has {ids.shape[1]} tokens; {steps} windows of {generation_window} after a "
                          f"{prompt_len}-token prompt need {needed}: lower steps or generation_window")
     if prompt_len <= window_size:
         raise ValueError(f"prompt_len ({prompt_len}) must exceed window_size ({window_size})")
-    observation, generated = teacher_forced_attention(model, ids[:, :needed], prompt_len, window_size)
-    return hit_rate_table(observation, generated, window_size=window_size, generation_window=generation_window,
-                          top_k=top_k, threshold=threshold, by_head=by_head)
+    return teacher_forced_attention(model, ids[:, :needed], prompt_len, window_size, cache=cache)
 
 
-def teacher_forced_attention(model, input_ids, prompt_len: int, window_size: int) -> tuple[dict, dict]:
-    """Record prompt + answer (teacher forcing): ({layer: observation attention}, {layer: answer rows})."""
+def teacher_forced_attention(model, input_ids, prompt_len: int, window_size: int, cache=None) -> tuple[dict, dict]:
+    """Record prompt + answer (teacher forcing): ({layer: observation attention}, {layer: answer rows});
+    cache: one holding a prefix of the prompt (`record_teacher_forced`)."""
     ids = _as_row(input_ids)
-    trace = record_teacher_forced(model, ids[:, :prompt_len], ids[:, prompt_len:], window_size=window_size)
+    trace = record_teacher_forced(model, ids[:, :prompt_len], ids[:, prompt_len:], window_size=window_size,
+                                  cache=cache)
     return ({layer: trace.observation_attention(layer) for layer in trace.layers},
             {layer: trace.generation_attention(layer) for layer in trace.layers})
 
@@ -161,11 +175,12 @@ def windows_along_prompt(model, input_ids, prompt_len: int, *, window_size: int 
     records = []
     for layer in trace.layers:
         rows = trace.generation_attention(layer)
+        important = important_positions(rows, threshold)  # once per layer: every window reads a prefix of it
         for j, votes in enumerate(tap.votes[layer], start=1):
             end = votes.shape[-1]
             voted = voted_set(votes, k, prefix_len=end - window_size)
             sets = reference_sets(voted, window_size, references, sink_size=sink_size)
             records += metric_records(rows[..., :end], sets, sink_positions(votes, sink_size), window=window_size,
-                                      threshold=threshold, generation_window=rows.shape[2], layer=layer,
-                                      prompt_window=-j)
+                                      threshold=threshold, generation_window=rows.shape[2], important=important,
+                                      layer=layer, prompt_window=-j)
     return pd.DataFrame.from_records(records)

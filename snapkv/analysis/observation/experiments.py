@@ -16,14 +16,22 @@ import torch
 from tqdm.auto import tqdm
 
 from snapkv.analysis.observation.attention import (
+    generation_attention,
     greedy_continuation,
     hit_rate_along_generation,
     teacher_forced_attention,
     voted_overlap,
     windows_along_prompt,
 )
-from snapkv.analysis.observation.metrics import metric_records, sensitivity_table, sink_positions, voted_set
+from snapkv.analysis.observation.metrics import (
+    hit_rate_table,
+    metric_records,
+    sensitivity_table,
+    sink_positions,
+    voted_set,
+)
 from snapkv.analysis.text import chat_ids, chat_request, cut_to_tokens, load_prompt_set, question_text
+from snapkv.core.compat import new_cache, prefill
 
 QUICK_CONTEXT_TOKENS = 400  # quick runs cut every context or document to this many tokens
 
@@ -132,16 +140,21 @@ def _document_text(document: dict, tokenizer, max_document_tokens: int | None) -
 
 
 def hit_rate_experiment(model, tokenizer, samples: list[dict], settings: HitRateSettings,
-                        by_head: bool = False) -> pd.DataFrame:
-    """Fig. 2: hit rate per layer for `steps` generation windows, for chat samples under each protocol.
+                        by_head: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Fig. 2: hit rate per layer for `steps` generation windows, for chat samples under each protocol; and
+    its threshold / top-k sensitivity (`metrics.sensitivity_table`) on the first `n_sensitivity` samples.
 
     "reference": the record's reference continuation, teacher-forced (the authors' protocol), skipped when
-    it is shorter than the answer; "greedy": the model's own greedy answer of the same length.
+    it is shorter than the answer; "greedy": the model's own greedy answer of the same length. The
+    sensitivity sweep reads the reference recordings: each prompt and answer is recorded once for both.
+    Returns (hit-rate table, sensitivity table; empty without the reference protocol or n_sensitivity 0).
     """
     s = settings
     answer_tokens = s.steps * s.generation_window
+    sensitivity = []
 
-    def measure(sample):
+    def measure(indexed):
+        index, sample = indexed
         prompt = _chat_prompt(tokenizer, sample, s.max_context_tokens)
         for protocol in s.protocols:
             if protocol == "reference":
@@ -153,27 +166,18 @@ def hit_rate_experiment(model, tokenizer, samples: list[dict], settings: HitRate
                 ids = greedy_continuation(model, prompt, answer_tokens)
             else:
                 raise ValueError(f"unknown protocol {protocol!r}: use 'reference' or 'greedy'")
-            table = hit_rate_along_generation(model, ids, prompt.shape[1], window_size=s.window_size, steps=s.steps,
-                                              top_k=s.top_k, threshold=s.threshold,
-                                              generation_window=s.generation_window, by_head=by_head)
+            observation, generated = generation_attention(model, ids, prompt.shape[1], window_size=s.window_size,
+                                                          steps=s.steps, generation_window=s.generation_window)
+            if protocol == "reference" and index < s.n_sensitivity:
+                table = sensitivity_table(observation, generated, window_size=s.window_size)
+                sensitivity.append(table.assign(sample=index))
+            table = hit_rate_table(observation, generated, window_size=s.window_size, top_k=s.top_k,
+                                   threshold=s.threshold, generation_window=s.generation_window, by_head=by_head)
             yield table, dict(protocol=protocol, prompt_tokens=prompt.shape[1])
 
-    return run_over_samples(measure, samples)
-
-
-def sensitivity_experiment(model, tokenizer, samples: list[dict], settings: HitRateSettings,
-                           **sweeps) -> pd.DataFrame:
-    """Hit rate vs the importance threshold and vs the top-k fraction over the reference answer's first
-    `steps * generation_window` tokens (teacher-forced); `sweeps` go to `metrics.sensitivity_table`."""
-    s = settings
-
-    def measure(sample):
-        prompt = _chat_prompt(tokenizer, sample, s.max_context_tokens)
-        ids = torch.cat([prompt, _response_ids(tokenizer, sample["response"], s.steps * s.generation_window)], 1)
-        observation, generated = teacher_forced_attention(model, ids, prompt.shape[1], s.window_size)
-        yield sensitivity_table(observation, generated, window_size=s.window_size, **sweeps), {}
-
-    return run_over_samples(measure, samples)
+    table = run_over_samples(measure, list(enumerate(samples)))
+    sensitivity = pd.concat(sensitivity, ignore_index=True) if sensitivity else pd.DataFrame()
+    return table, sensitivity
 
 
 def windows_along_prompt_experiment(model, tokenizer, samples: list[dict],
@@ -240,15 +244,25 @@ def question_position_experiment(model, tokenizer, documents: list[dict],
 
     def measure(document):
         text = _document_text(document, tokenizer, s.max_document_tokens)
-        for question in document["questions"][: s.questions_per_document]:
-            answer = _response_ids(tokenizer, question["answer"])
-            asked = question_text(tokenizer, question["question"])
-            for placement, content in (("beginning", f"{asked}\n\n{text}"), ("end", f"{text}\n\n{asked}")):
-                prompt = torch.tensor(chat_ids(tokenizer, content))[None]
-                table = hit_rate_along_generation(model, torch.cat([prompt, answer], 1), prompt.shape[1],
-                                                  window_size=s.window_size, steps=1, top_k=s.top_k,
-                                                  threshold=s.threshold, generation_window=answer.shape[1])
-                yield table, dict(question=question["name"], placement=placement)
+        questions = document["questions"][: s.questions_per_document]
+        asked = [question_text(tokenizer, question["question"]) for question in questions]
+        prompts = {(i, placement): torch.tensor(chat_ids(tokenizer, content))[None]
+                   for i, a in enumerate(asked) for placement, content in (("beginning", f"{a}\n\n{text}"),
+                                                                           ("end", f"{text}\n\n{a}"))}
+        # the "end" prompts share the document: it runs once, each question continues a copy of its cache
+        ends = [prompts[i, "end"] for i in range(len(questions))]
+        shared = min(_shared_prefix(ends), min(end.shape[1] for end in ends) - s.window_size)
+        document_cache = new_cache(model) if shared > 0 else None
+        if document_cache is not None:
+            with torch.no_grad():
+                prefill(model, ends[0][:, :shared].to(model.device), document_cache)
+        for (i, placement), prompt in prompts.items():
+            answer = _response_ids(tokenizer, questions[i]["answer"])
+            table = hit_rate_along_generation(model, torch.cat([prompt, answer], 1), prompt.shape[1],
+                                              window_size=s.window_size, steps=1, top_k=s.top_k,
+                                              threshold=s.threshold, generation_window=answer.shape[1],
+                                              cache=document_cache if placement == "end" else None)
+            yield table, dict(question=questions[i]["name"], placement=placement)
 
     return run_over_samples(measure, documents, desc="documents")
 

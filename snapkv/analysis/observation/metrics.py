@@ -38,14 +38,6 @@ def voted_set(observation: torch.Tensor, top_k: float | int = 0.05, prefix_len: 
     return chosen.repeat_interleave(heads // chosen.shape[1], dim=1)
 
 
-def important_set(rows: torch.Tensor, window: int, threshold: float = 0.05) -> torch.Tensor:
-    """Prefix positions each generated token attends to above `threshold`: bool like `rows`."""
-    prompt_len = rows.shape[-1]
-    important = rows > threshold
-    important[..., prompt_len - window :] = False
-    return important
-
-
 REFERENCES = ("random", "recency", "streaming")
 
 
@@ -87,30 +79,55 @@ def sink_positions(observation: torch.Tensor, sink_size: int = 4, cutoff: float 
     return sinks
 
 
+def important_positions(rows: torch.Tensor, threshold: float = 0.05) -> tuple[torch.Tensor, ...]:
+    """The (batch, head, token, position) indices where `rows > threshold`: a token's important positions.
+    Attention rows sum to 1, so each token has fewer than 1 / threshold of them: a short list, not a matrix."""
+    return (rows > threshold).nonzero(as_tuple=True)
+
+
+def _masses(prefix: torch.Tensor, voted: torch.Tensor) -> torch.Tensor:
+    """Attention mass of each row of `prefix` (batch, heads, tokens, n) on each set of `voted` (batch, heads, n,
+    sets): a gather of the k positions when every set holds k per head (as SnapKV's and its reference sets
+    do), a product otherwise."""
+    sizes = voted.sum(-2)
+    if not (sizes == sizes.flatten()[0]).all():
+        return prefix @ voted.to(prefix.dtype)
+    positions = voted.transpose(-1, -2).nonzero(as_tuple=True)[-1].view(*voted.shape[:2], -1)  # sorted per set
+    picked = prefix.gather(-1, positions[:, :, None].expand(-1, -1, prefix.shape[2], -1))
+    return picked.view(*picked.shape[:3], voted.shape[-1], -1).sum(-1)
+
+
 def token_metrics(rows: torch.Tensor, sets: dict[str, list[torch.Tensor]], sinks: torch.Tensor, window: int,
-                  threshold: float = 0.05) -> dict[str, dict[str, torch.Tensor]]:
+                  threshold: float = 0.05, important: tuple[torch.Tensor, ...] | None = None
+                  ) -> dict[str, dict[str, torch.Tensor]]:
     """Per (batch, head, generated token) counts and masses behind every observation metric, for each
     reference of `sets` ({name: [voted set, ...]}; a list of several draws, e.g. random seeds, is averaged).
 
     hits / important: |I & V| and |I|; *_no_sinks: the same with sink positions left out; on_sinks:
     |I & sinks|; voted_mass / prefix_mass: attention mass on V and on the whole prefix (their ratio is
-    the threshold-free attention-mass recall). Counts are products of the 0/1 matrix I with 0/1 position
-    indicators, exact in float32 (integers below 2**24); all references share one product.
+    the threshold-free attention-mass recall). I is the prefix positions above `threshold`; every count
+    adds up 0/1 position indicators over I's few entries, exact in float32 (integers below 2**24).
+    important: `important_positions(rows, threshold)` of rows that may run past these (positions after the
+    prefix are dropped), for a caller that measures several prefixes of the same rows; None: computed here.
     """
-    important = important_set(rows, window, threshold).float()
-    prefix = rows[..., : rows.shape[-1] - window].float()
+    prefix_len = rows.shape[-1] - window
+    prefix = rows[..., :prefix_len]
+    important = important_positions(prefix, threshold) if important is None else important
+    batch, head, token, position = (index[important[3] < prefix_len] for index in important)
     names, sizes = list(sets), [len(candidates) for candidates in sets.values()]
-    voted = torch.stack([v for candidates in sets.values() for v in candidates], dim=-1)  # (batch, heads, n, sets)
-    columns = torch.cat([(~sinks)[..., None], sinks[..., None], voted, voted & ~sinks[..., None]], dim=-1)
-    counts = important @ columns.float()
-    masses = prefix @ voted[..., : prefix.shape[-1], :].float()
-    shared = dict(important=important.sum(-1), important_no_sinks=counts[..., 0], on_sinks=counts[..., 1],
+    voted = torch.stack([v[..., :prefix_len] for candidates in sets.values() for v in candidates], dim=-1)
+    sinks = sinks[..., :prefix_len, None]
+    indicators = torch.cat([torch.ones_like(sinks), ~sinks, sinks, voted, voted & ~sinks], dim=-1).float()
+    counts = torch.zeros(*prefix.shape[:-1], indicators.shape[-1], device=prefix.device)
+    counts.index_put_((batch, head, token), indicators[batch, head, position], accumulate=True)
+    masses = _masses(prefix, voted)
+    shared = dict(important=counts[..., 0], important_no_sinks=counts[..., 1], on_sinks=counts[..., 2],
                   prefix_mass=prefix.sum(-1))
     total, start, result = voted.shape[-1], 0, {}
     for name, size in zip(names, sizes):
         part = slice(start, start + size)
-        result[name] = dict(shared, hits=counts[..., 2:][..., part].mean(-1),
-                            hits_no_sinks=counts[..., 2 + total :][..., part].mean(-1),
+        result[name] = dict(shared, hits=counts[..., 3:][..., part].mean(-1),
+                            hits_no_sinks=counts[..., 3 + total :][..., part].mean(-1),
                             voted_mass=masses[..., part].mean(-1))
         start += size
     return result
@@ -152,13 +169,15 @@ def reference_sets(voted: torch.Tensor, window: int, references=REFERENCES, *, s
 
 
 def metric_records(rows: torch.Tensor, sets: dict, sinks: torch.Tensor, *, window: int, threshold: float,
-                   generation_window: int, by_head: bool = False, **tags) -> list[dict]:
+                   generation_window: int, by_head: bool = False, important: tuple[torch.Tensor, ...] | None = None,
+                   **tags) -> list[dict]:
     """Rows of the observation tables: for each set (a list is averaged, e.g. random seeds), each
     generation window of `generation_window` tokens (and each head with by_head): hits, important,
-    hit_rate, hit_rate_no_sinks, sink_share, mass_recall, tokens, plus `tags`."""
+    hit_rate, hit_rate_no_sinks, sink_share, mass_recall, tokens, plus `tags` (`important`: see
+    `token_metrics`)."""
     records = []
     steps = rows.shape[2]
-    for reference, totals in token_metrics(rows, sets, sinks, window, threshold).items():
+    for reference, totals in token_metrics(rows, sets, sinks, window, threshold, important).items():
         recall = totals["voted_mass"] / totals["prefix_mass"].clamp(min=1e-12)
         heads = range(rows.shape[1]) if by_head else [slice(None)]
         for start, head in itertools.product(range(0, steps, generation_window), heads):

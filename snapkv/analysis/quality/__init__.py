@@ -67,9 +67,11 @@ from snapkv.analysis.quality.scoring import (
 )
 from snapkv.analysis.quality.statistics import (
     CALIBRATION_THRESHOLD,
+    SNAPKV_FAMILY,
     accuracy_by_model,
     calibrate,
     retention_table,
+    successor_checks,
     suite_means,
     summarize_quality,
     target_checks,
@@ -87,5 +89,5 @@ __all__ = [
     "needle_tokens", "needle_retention", "needle_retention_experiment", "calibrated_evaluate", "contains_score",
     "prefix_score", "first_code_line", "edit_similarity", "score_answer", "CALIBRATION_THRESHOLD", "calibrate",
     "with_full_score", "retention_table", "summarize_quality", "suite_means", "target_checks",
-    "pooling_ablation",
+    "SNAPKV_FAMILY", "successor_checks", "pooling_ablation",
 ]

@@ -108,6 +108,52 @@ def target_checks(needle_table: pd.DataFrame | None = None, suite_table: pd.Data
     return pd.DataFrame.from_records(records, columns=["target", "measured", "met"])
 
 
+SNAPKV_FAMILY = ("snapkv", "snapkv-calibrated", "adakv", "pyramidkv", "chunkkv")  # SnapKV and its successors
+
+
+def successor_checks(needle_table: pd.DataFrame | None = None, suite_table: pd.DataFrame | None = None, *,
+                     mode: str = "question-aware", calibrated=((512, 0.9), (256, 0.8)), best_budget: int = 512,
+                     best_target: float = 0.95) -> pd.DataFrame:
+    """The successors' and the calibrated SnapKV's targets as rows: target, measured, met.
+
+    On the needle prompts the full cache answers (its score 1, so a method's mean score there is its share of
+    the full cache's accuracy): "snapkv-calibrated" keeps at least each (budget, share) of `calibrated`, and the
+    best compressing method at least `best_target` at `best_budget`. On the suite mean (`suite_means`): every
+    method of SNAPKV_FAMILY in the table is at or above StreamingLLM at every budget both ran.
+    """
+    records = []
+    if needle_table is not None:
+        paired = with_full_score(needle_table[needle_table["mode"] == mode])
+        answered = paired[paired.full_score == 1.0]
+        means = answered.groupby(["method", "budget"]).score.mean()
+        prompts = answered.drop_duplicates(["length", "depth", "sample"]).shape[0]
+        for budget, share in calibrated:
+            if ("snapkv-calibrated", budget) in means:
+                value = means["snapkv-calibrated", budget]
+                records.append(dict(target=f"needle: snapkv-calibrated @ {budget} keeps >= {share:.0%} of the full "
+                                           "cache's accuracy", measured=f"{value:.3f} on the {prompts} prompts the "
+                                           "full cache answers", met=bool(value >= share)))
+        at_budget = means[means.index.get_level_values("budget") == best_budget]
+        if len(at_budget):
+            (method, _), value = at_budget.idxmax(), at_budget.max()
+            records.append(dict(target=f"needle: the best policy @ {best_budget} keeps >= {best_target:.0%}",
+                                measured=f"{method} {value:.3f} on the {prompts} prompts the full cache answers",
+                                met=bool(value >= best_target)))
+    if suite_table is not None:
+        means = suite_means(suite_table[suite_table["mode"] == mode]).set_index(["method", "budget"]).suite_mean
+        streaming = means.get("streaming")
+        for method in [m for m in SNAPKV_FAMILY if m in means.index.get_level_values("method")]:
+            if streaming is None:
+                break
+            budgets = sorted(set(means[method].index) & set(streaming.index))
+            behind = [f"{int(b)} ({means[method, b]:.3f} vs {streaming[b]:.3f})" for b in budgets
+                      if means[method, b] < streaming[b]]
+            records.append(dict(target=f"suite mean: {method} >= streaming at every budget",
+                                measured=f"below at {', '.join(behind)}" if behind else
+                                f"at or above at {', '.join(str(int(b)) for b in budgets)}", met=not behind))
+    return pd.DataFrame.from_records(records, columns=["target", "measured", "met"])
+
+
 def _beats(means: pd.Series, budgets, where: str) -> list[dict]:
     records = []
     for budget in budgets:

@@ -1,5 +1,7 @@
 """Hit-rate metrics against a direct set computation."""
 
+import itertools
+
 import pandas as pd
 import pytest
 import torch
@@ -7,10 +9,12 @@ from reference import direct_hit_rate
 
 from snapkv.analysis.observation.metrics import (
     hit_rate_table,
+    important_positions,
     pool,
     reference_set,
     sink_positions,
     summarize,
+    token_metrics,
     voted_set,
 )
 
@@ -134,3 +138,30 @@ def test_pool_recomputes_ratios_from_counts():
     whole = whole.set_index("reference")
     for column in ("hits", "important", "hit_rate", "hit_rate_no_sinks", "sink_share", "mass_recall", "tokens"):
         assert pooled[column].to_numpy() == pytest.approx(whole.loc[pooled.index, column].to_numpy())
+
+
+@pytest.mark.parametrize("sizes", [(5, 5), (3, 8)])  # equal sizes (gathered masses) and unequal (a product)
+def test_token_metrics_equal_loops_over_tokens_and_positions(sizes):
+    # also with the important positions of longer rows, as windows_along_prompt passes them
+    torch.manual_seed(4)
+    prompt_len, window, longer = 30, 4, 37
+    full = (torch.rand(1, 2, 5, longer) * 6).softmax(-1)
+    rows = full[..., :prompt_len]
+    sets = {"a": [torch.zeros(1, 2, prompt_len, dtype=torch.bool) for _ in range(2)]}
+    for candidate, size in zip(sets["a"], sizes):
+        candidate.scatter_(-1, torch.rand(1, 2, prompt_len - window).topk(size, -1).indices, True)
+    sinks = torch.zeros(1, 2, prompt_len, dtype=torch.bool)
+    sinks[..., :3] = True
+    for important in (None, important_positions(full, 0.04)):
+        totals = token_metrics(rows, sets, sinks, window, 0.04, important)["a"]
+        for head, token in itertools.product(range(2), range(5)):
+            above = [p for p in range(prompt_len - window) if rows[0, head, token, p] > 0.04]
+            per_set = [[p for p in above if chosen[0, head, p]] for chosen in sets["a"]]
+            assert totals["important"][0, head, token] == len(above) > 0
+            assert totals["on_sinks"][0, head, token] == sum(p < 3 for p in above)
+            assert totals["important_no_sinks"][0, head, token] == sum(p >= 3 for p in above)
+            assert totals["hits"][0, head, token] == sum(map(len, per_set)) / 2
+            assert totals["hits_no_sinks"][0, head, token] == sum(p >= 3 for hits in per_set for p in hits) / 2
+            masses = [float(rows[0, head, token][chosen[0, head]].sum()) for chosen in sets["a"]]
+            assert totals["voted_mass"][0, head, token] == pytest.approx(sum(masses) / 2, rel=1e-5)
+            assert totals["prefix_mass"][0, head, token] == pytest.approx(float(rows[0, head, token, :26].sum()))

@@ -6,6 +6,7 @@ from reference import direct_hit_rate
 from tiny_models import tiny_model
 
 from snapkv.analysis.observation.attention import hit_rate_along_generation, voted_overlap, windows_along_prompt
+from snapkv.core.compat import new_cache, prefill
 
 
 def eager_attentions(model, ids):
@@ -44,6 +45,23 @@ def test_hit_rate_along_generation_matches_eager_attention(model):
         prefix = rows[..., : prompt_len - window]
         on_voted = prefix.gather(-1, voted[:, :, None, :].expand(-1, -1, rows.shape[2], -1)).sum(-1)
         assert row.mass_recall == pytest.approx((on_voted / prefix.sum(-1)).mean().item(), rel=1e-4)
+
+
+def test_hit_rate_along_generation_after_a_cached_prefix_counts_the_same(model):
+    # notebook 04 runs a document once for its questions at the end: the counts must not change
+    prompt_len, window = 80, 8
+    ids = torch.randint(1, 128, (1, prompt_len + 2 * window), generator=torch.Generator().manual_seed(4))
+    cache = new_cache(model)
+    with torch.no_grad():
+        prefill(model, ids[:, :50], cache)
+    settings = dict(window_size=window, steps=2, top_k=0.1, threshold=0.011)
+    whole = hit_rate_along_generation(model, ids, prompt_len, **settings)
+    continued = hit_rate_along_generation(model, ids, prompt_len, cache=cache, **settings)
+    assert cache.get_seq_length() == 50  # continued on a copy
+    counts = ["layer", "window", "reference", "hits", "important", "hits_no_sinks", "on_sinks"]
+    assert 0 < whole.hits.sum() < whole.important.sum()
+    assert whole[counts].equals(continued[counts])
+    assert continued.mass_recall.to_numpy() == pytest.approx(whole.mass_recall.to_numpy(), rel=1e-4)
 
 
 def test_hit_rate_along_generation_rejects_short_input():

@@ -3,12 +3,11 @@
 
 import dataclasses
 import json
-from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import torch
-from tiny_models import FAMILIES, tiny_model
+from tiny_models import FAMILIES, AsciiTokenizer, PlainAsciiTokenizer, tiny_model
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
@@ -17,38 +16,6 @@ import snapkv
 from snapkv import cli
 from snapkv.analysis import quality, text
 from snapkv.analysis.quality import plots as quality_plots
-
-EOS = 127
-
-
-class AsciiTokenizer:
-    """One token per ASCII character (non-ASCII becomes '?'), id 127 = end of turn: fits the tiny models."""
-
-    eos_token_id = EOS
-    unk_token_id = None
-
-    def __call__(self, text, add_special_tokens=False):
-        return SimpleNamespace(input_ids=[ord(c) if ord(c) < EOS else ord("?") for c in text])
-
-    def decode(self, ids, skip_special_tokens=False):
-        return "".join(chr(i) for i in ids if i != EOS)
-
-    chat_template = "<u>{{ messages[0]['content'] }}</u>\n<a>"
-
-    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
-        return "<u>" + messages[0]["content"] + "</u>\n<a>"
-
-
-class PlainAsciiTokenizer(AsciiTokenizer):
-    """A base model's tokenizer: no chat template, id 1 = <bos> put before any text."""
-
-    chat_template = None
-    bos_token_id = 1
-
-    def __call__(self, text, add_special_tokens=True):
-        ids = super().__call__(text).input_ids
-        return SimpleNamespace(input_ids=[self.bos_token_id] * add_special_tokens + ids)
-
 
 TOKENIZER = AsciiTokenizer()
 HAYSTACK = text.stdlib_haystack_text(["textwrap", "csv", "json"])
@@ -478,3 +445,27 @@ def test_cli_quick_run_writes_its_outputs(tmp_path, capsys):
     quick = quality.NeedleSettings.QUICK["methods"]  # quick mode = notebook 06's
     assert set(table.method) == set(quick) >= {"full", "snapkv", "adakv", "pyramidkv", "chunkkv", "snapkv-avgpool"}
     assert "mean score" in capsys.readouterr().out
+
+
+def test_successor_checks_read_only_the_prompts_the_full_cache_answers():
+    def needle(method, budget, scores):
+        return [dict(task="needle", length=1000, depth=float(d), sample=0, mode="question-aware", method=method,
+                     budget=budget, score=s) for d, s in enumerate(scores)]
+
+    rows = (needle("full", None, [1, 1, 1, 0]) + needle("snapkv-calibrated", 512, [1, 1, 0, 1])
+            + needle("snapkv-calibrated", 256, [1, 1, 1, 0]) + needle("chunkkv", 512, [1, 1, 1, 0]))
+    suite = [dict(task=t, mode="question-aware", method=m, budget=b, score=s)
+             for t, m, b, s in [("a", "streaming", 128, 0.5), ("b", "streaming", 128, 0.5),
+                                ("a", "streaming", 256, 0.5), ("b", "streaming", 256, 0.7),
+                                ("a", "snapkv", 128, 0.5), ("b", "snapkv", 128, 0.6),
+                                ("a", "snapkv", 256, 0.6), ("b", "snapkv", 256, 0.6), ("a", "adakv", 128, 1.0),
+                                ("b", "adakv", 128, 1.0), ("a", "adakv", 256, 0.5), ("b", "adakv", 256, 0.6)]]
+    checks = quality.successor_checks(pd.DataFrame(rows), pd.DataFrame(suite)).set_index("target")
+    calibrated_512 = checks.loc["needle: snapkv-calibrated @ 512 keeps >= 90% of the full cache's accuracy"]
+    assert not calibrated_512.met and calibrated_512.measured.startswith("0.667 on the 3 prompts")  # not 3 of 4
+    assert checks.loc["needle: snapkv-calibrated @ 256 keeps >= 80% of the full cache's accuracy"].met
+    best = checks.loc["needle: the best policy @ 512 keeps >= 95%"]
+    assert best.met and best.measured.startswith("chunkkv 1.000")
+    assert checks.loc["suite mean: snapkv >= streaming at every budget"].met
+    adakv = checks.loc["suite mean: adakv >= streaming at every budget"]
+    assert not adakv.met and adakv.measured == "below at 256 (0.550 vs 0.600)"
