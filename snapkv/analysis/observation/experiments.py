@@ -6,7 +6,6 @@ its samples through `run_over_samples`, which tags rows with `sample`. Sample an
 the results so figures can say what they cover.
 """
 
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -25,6 +24,7 @@ from snapkv.analysis.observation.attention import (
 )
 from snapkv.analysis.observation.metrics import (
     hit_rate_table,
+    important_positions,
     metric_records,
     sensitivity_table,
     sink_positions,
@@ -285,12 +285,15 @@ def voting_variants_experiment(model, tokenizer, samples: list[dict], settings: 
         observations, generated = teacher_forced_attention(model, ids, prompt.shape[1], largest)
         k = int(s.top_k * prompt.shape[1])
         records = []
-        for layer, (setting, value, window, kernel, gqa) in itertools.product(observations, variants):
-            observation = observations[layer][..., -window:, :]
-            voted = voted_set(observation, k, kernel_size=kernel, gqa=gqa, kv_heads=kv_heads)
-            records += metric_records(generated[layer], {"snapkv": [voted]}, sink_positions(observation),
-                                      window=window, threshold=s.threshold, generation_window=s.generation_tokens,
-                                      by_head=True, layer=layer, setting=setting, value=str(value))
+        for layer in observations:
+            important = important_positions(generated[layer], s.threshold)  # once per layer, for every variant
+            for setting, value, window, kernel, gqa in variants:
+                observation = observations[layer][..., -window:, :]
+                voted = voted_set(observation, k, kernel_size=kernel, gqa=gqa, kv_heads=kv_heads)
+                records += metric_records(generated[layer], {"snapkv": [voted]}, sink_positions(observation),
+                                          window=window, threshold=s.threshold, important=important,
+                                          generation_window=s.generation_tokens, by_head=True, layer=layer,
+                                          setting=setting, value=str(value))
         yield pd.DataFrame.from_records(records), {}
 
     table = run_over_samples(measure, samples)
