@@ -2,6 +2,7 @@
 figure; each returns a seaborn/matplotlib figure and a plotly figure of the same summary: x = pooling kernel
 (log scale), one panel per experiment or measure, one colour per budget (or window), 95% bootstrap bands."""
 
+import math
 import textwrap
 
 import matplotlib.pyplot as plt
@@ -21,6 +22,16 @@ PLOTLY_MARKERS = ("circle", "square", "triangle-up", "diamond")
 
 def _label(column: str, value) -> str:
     return f"{column.removesuffix('_size')} {value}"
+
+
+def _spread(kernels: list, octaves: float) -> list:
+    """The kernels to label on a log axis: each at least `octaves` (powers of 2) right of the last one labelled, so
+    that the labels of a narrow panel do not overlap (unlabelled kernels keep their points and hover text)."""
+    shown = []
+    for kernel in kernels:
+        if not shown or math.log2(kernel / shown[-1]) >= octaves:
+            shown.append(kernel)
+    return shown
 
 
 def _kernel_panels(summary: pd.DataFrame, panel: str, panels: list, color: str, style: str | None, title: str,
@@ -75,7 +86,8 @@ def _kernel_panels(summary: pd.DataFrame, panel: str, panels: list, color: str, 
     fig.suptitle("\n".join(textwrap.wrap(title, 45 * len(panels))), fontsize=11)
     fig.tight_layout()
     fig.legend(handles.values(), handles.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.92))
-    interactive.update_xaxes(type="log", title_text="pooling kernel (tokens)", tickvals=kernels)
+    interactive.update_xaxes(type="log", title_text="pooling kernel (tokens)", tickangle=0,
+                             tickvals=_spread(kernels, octaves=0.15 * len(panels)))
     interactive.update_layout(title="<br>".join(textwrap.wrap(title, 120)), height=480)
     return fig, interactive
 
