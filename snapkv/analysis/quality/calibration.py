@@ -32,13 +32,12 @@ from pathlib import Path
 from typing import ClassVar
 
 import pandas as pd
-import torch
 
 from snapkv import FullCache, SnapKV
 from snapkv.analysis.quality.cluster_width import needle_sweep
 from snapkv.analysis.quality.methods import Method, check_lengths_fit
 from snapkv.analysis.quality.prompts import QualityPrompt, check_samples, fill_haystack, question_tail
-from snapkv.analysis.quality.runner import DEFAULT_PREFILL_CHUNK
+from snapkv.analysis.quality.runner import DEFAULT_PREFILL_CHUNK, model_fingerprint
 from snapkv.analysis.text import chat_parts, stdlib_haystack_text, token_ids
 from snapkv.core import check_int
 from snapkv.core.compat import model_label
@@ -244,26 +243,6 @@ def chosen_policy(table: pd.DataFrame, budget: int) -> SnapKV:
 def calibration_cache_dir() -> Path:
     """``$SNAPKV_CACHE/calibration`` or ``~/.cache/snapkv/calibration`` (beside the converted models)."""
     return model_cache_root().parent / CACHE_FOLDER
-
-
-def model_fingerprint(model, tokenizer) -> str:
-    """sha256 of what decides a calibration besides the settings: the model's config (without its name or
-    path), 64 evenly spaced values of every parameter, its dtype, and how the tokenizer writes a calibration
-    prompt's parts (chat head and end, a fact sentence)."""
-    digest = hashlib.sha256()
-    config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "name_or_path")}
-    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            flat = parameter.detach().reshape(-1)
-            count = min(64, flat.numel())
-            index = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)
-            digest.update(name.encode() + str(parameter.dtype).encode())
-            digest.update(flat[index].double().cpu().numpy().tobytes())
-    head, end = chat_parts(tokenizer)
-    probe = token_ids(tokenizer, "\nThe registration number of the teal heron is 4096512.\n")
-    digest.update(json.dumps([head, end, probe]).encode())
-    return digest.hexdigest()
 
 
 def cache_key(fingerprint: str, budget: int, settings: CalibrationSettings, lengths: Sequence[int]) -> str:

@@ -20,6 +20,10 @@ question-agnostic forks are taken there; the tail is then prefilled on top for t
 The result equals running `model.generate` inside `snapkv.compress(model, policy)` once per method
 (pinned by tests/analysis/quality/test_quality.py), at the cost of one prefill per prompt instead of one per method.
 
+Resuming (`evaluate(..., checkpoint=FILE)`): each finished prompt's rows are appended to a JSONL file under a key of
+everything that decides them (model fingerprint, prompt ids, methods with their policies, modes, prefill chunk), so
+a long run that is interrupted continues where it stopped; the notebooks delete the file once their table is saved.
+
 Tables are tidy: one row per (prompt, mode, method, budget) with `score` in [0, 1] (needle and key
 retrieval: 1 if the answer contains the value; multi-value and variable tracking: the fraction of the
 expected values/names present; code: difflib edit similarity of the first answer line) and `correct`
@@ -27,9 +31,13 @@ expected values/names present; code: difflib edit similarity of the first answer
 """
 
 import dataclasses
+import hashlib
+import itertools
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -40,7 +48,7 @@ from snapkv.analysis.quality.methods import MODES, Method, check_lengths_fit, me
 from snapkv.analysis.quality.prompts import QualityPrompt, check_samples
 from snapkv.analysis.quality.scoring import first_code_line, prefix_score, score_answer
 from snapkv.analysis.quality.statistics import CALIBRATION_THRESHOLD, calibrate
-from snapkv.analysis.text import token_ids
+from snapkv.analysis.text import chat_parts, token_ids
 from snapkv.core.compat import copy_cache, forward, new_cache, prefill
 from snapkv.core.compress import CompressionSession, attach
 
@@ -192,9 +200,52 @@ def method_answers(model, tokenizer, prompts: Sequence[QualityPrompt], methods: 
     bar.close()
 
 
+def model_fingerprint(model, tokenizer) -> str:
+    """sha256 of what decides a model's answers besides the prompt: its config (without its name or path), 64
+    evenly spaced values of every parameter, its dtype, and how the tokenizer writes a calibration prompt's
+    parts (chat head and end, a fact sentence)."""
+    digest = hashlib.sha256()
+    config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "name_or_path")}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            flat = parameter.detach().reshape(-1)
+            count = min(64, flat.numel())
+            index = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)
+            digest.update(name.encode() + str(parameter.dtype).encode())
+            digest.update(flat[index].double().cpu().numpy().tobytes())
+    head, end = chat_parts(tokenizer)
+    probe = token_ids(tokenizer, "\nThe registration number of the teal heron is 4096512.\n")
+    digest.update(json.dumps([head, end, probe]).encode())
+    return digest.hexdigest()
+
+
+def _prompt_key(fingerprint: str, prompt: QualityPrompt, methods: Sequence[Method], modes, prefill_chunk_size) -> str:
+    """The checkpoint key of one prompt's rows: sha256 of everything that decides them."""
+    payload = dict(model=fingerprint, ids=hashlib.sha256(str(list(prompt.ids)).encode()).hexdigest(),
+                   prompt=[prompt.task, prompt.length, prompt.depth, prompt.sample, prompt.max_new_tokens,
+                           prompt.stop_at_newline, list(prompt.expected), len(prompt.context_ids)],
+                   methods=[[m.name, m.budget, repr(m.policy)] for m in methods], modes=list(modes),
+                   prefill_chunk_size=prefill_chunk_size)
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _read_checkpoint(path: Path) -> dict[str, list[dict]]:
+    """{key: rows} of a checkpoint file; a line cut short by an interruption is ignored."""
+    done = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[entry["key"]] = entry["rows"]
+    return done
+
+
 def evaluate(model, tokenizer, prompts: Sequence[QualityPrompt], methods: Sequence[Method], *,
              modes: Sequence[str] = ("question-aware",), prefill_chunk_size: int | None = DEFAULT_PREFILL_CHUNK,
-             progress: bool = True) -> pd.DataFrame:
+             progress: bool = True, checkpoint: str | Path | None = None) -> pd.DataFrame:
     """Run every method in every mode on every prompt (one shared prefill per prompt).
 
     Methods whose budget is >= the prompt's target length are skipped (they keep the whole prompt, i.e.
@@ -202,25 +253,44 @@ def evaluate(model, tokenizer, prompts: Sequence[QualityPrompt], methods: Sequen
     depth, needle_position, sample, mode, method, budget, score, correct, prefix_score (single-value tasks,
     see `prefix_score`), answer, expected, cache_slots, decode_seconds, prefill_seconds (the prompt's shared
     prefill).
+    checkpoint: a JSONL file to resume from: prompts whose rows it holds under the same key (model, prompt,
+    methods, modes, prefill chunk) are not run again, and each prompt run here is appended as it finishes.
     """
     if not prompts:
         raise ValueError("no prompts to evaluate")
     check_lengths_fit({p.length for p in prompts}, model, max(p.max_new_tokens for p in prompts))
-    rows = []
-    for prompt, mode, name, budget, text, answer, prefill_seconds in method_answers(
-            model, tokenizer, prompts, methods, modes=modes, desc="prompts", prefill_chunk_size=prefill_chunk_size,
-            progress=progress):
-        score, correct = score_answer(prompt, text)
-        partial = prefix_score(text, prompt.expected[0]) if len(prompt.expected) == 1 else float("nan")
-        rows.append(dict(task=prompt.task, length=prompt.length, prompt_tokens=prompt.prompt_tokens,
-                         depth=prompt.depth, needle_position=prompt.needle_position, sample=prompt.sample,
-                         mode=mode, method=name, budget=budget, score=score, correct=correct,
-                         prefix_score=partial, answer=text,
-                         expected=" | ".join(prompt.expected), cache_slots=answer.cache_slots,
-                         decode_seconds=round(answer.seconds, 3), prefill_seconds=round(prefill_seconds, 3)))
+    keys, done = {}, {}
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        fingerprint = model_fingerprint(model, tokenizer)
+        keys = {id(p): _prompt_key(fingerprint, p, [m for m in methods if m.budget is None or m.budget < p.length],
+                                   modes, prefill_chunk_size) for p in prompts}
+        done = _read_checkpoint(checkpoint)
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    todo = [p for p in prompts if keys.get(id(p)) not in done]
+    computed: dict[int, list[dict]] = {}
+    answers = method_answers(model, tokenizer, todo, methods, modes=modes, desc="prompts",
+                             prefill_chunk_size=prefill_chunk_size, progress=progress)
+    for prompt_id, group in itertools.groupby(answers, key=lambda item: id(item[0])):  # one prompt's answers
+        computed[prompt_id] = [_row(*item) for item in group]
+        if checkpoint is not None:
+            with checkpoint.open("a") as file:
+                file.write(json.dumps(dict(key=keys[prompt_id], rows=computed[prompt_id])) + "\n")
+    rows = [row for p in prompts for row in (computed[id(p)] if id(p) in computed else done[keys[id(p)]])]
     table = pd.DataFrame.from_records(rows)
     table["budget"] = table["budget"].astype("Int64")
     return table
+
+
+def _row(prompt: QualityPrompt, mode: str, name: str, budget, text: str, answer, prefill_seconds: float) -> dict:
+    """One row of `evaluate`'s table."""
+    score, correct = score_answer(prompt, text)
+    partial = prefix_score(text, prompt.expected[0]) if len(prompt.expected) == 1 else float("nan")
+    return dict(task=prompt.task, length=prompt.length, prompt_tokens=prompt.prompt_tokens, depth=prompt.depth,
+                needle_position=prompt.needle_position, sample=prompt.sample, mode=mode, method=name, budget=budget,
+                score=score, correct=correct, prefix_score=partial, answer=text, expected=" | ".join(prompt.expected),
+                cache_slots=answer.cache_slots, decode_seconds=round(answer.seconds, 3),
+                prefill_seconds=round(prefill_seconds, 3))
 
 
 def needle_tokens(tokenizer, prompt: QualityPrompt) -> pd.DataFrame:
@@ -277,25 +347,25 @@ def needle_retention_experiment(model, tokenizer, prompts: Sequence[QualityPromp
 def calibrated_evaluate(model, tokenizer, prompts: Sequence[QualityPrompt], methods: Sequence[Method], *,
                         threshold: float = CALIBRATION_THRESHOLD, calibration_samples: int = 3,
                         modes: Sequence[str] = ("question-aware",),
-                        prefill_chunk_size: int | None = DEFAULT_PREFILL_CHUNK, progress: bool = True
-                        ) -> tuple[pd.DataFrame, pd.DataFrame]:
+                        prefill_chunk_size: int | None = DEFAULT_PREFILL_CHUNK, progress: bool = True,
+                        checkpoint: str | Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Calibrate, then compare: the full cache alone answers the first `calibration_samples` prompts of every
     (task, length) group (in the first mode); groups scoring below `threshold` are dropped (the model cannot
     do them even uncompressed, so compression has nothing to lose); every method then runs on all prompts
-    of the kept groups. Returns (table, calibration) - see `evaluate` and `calibrate`."""
+    of the kept groups. Returns (table, calibration) - see `evaluate` (and its `checkpoint`) and `calibrate`."""
     groups: dict[tuple, list[QualityPrompt]] = {}
     for prompt in prompts:
         groups.setdefault((prompt.task, prompt.length), []).append(prompt)
     first = [p for group in groups.values() for p in group[:check_samples(calibration_samples)]]
     full = [m for m in method_grid(["full"], [], ())]
-    calibration_table = evaluate(model, tokenizer, first, full, modes=modes[:1],
-                                 prefill_chunk_size=prefill_chunk_size, progress=progress)
+    calibration_table = evaluate(model, tokenizer, first, full, modes=modes[:1], prefill_chunk_size=prefill_chunk_size,
+                                 progress=progress, checkpoint=checkpoint)
     calibration = calibrate(calibration_table, threshold)
     kept = {tuple(key) for key in calibration.loc[calibration.kept, ["task", "length"]].itertuples(index=False)}
     chosen = [p for key, group in groups.items() if key in kept for p in group]
     if not chosen:
         return calibration_table.iloc[0:0], calibration
     return evaluate(model, tokenizer, chosen, methods, modes=modes, prefill_chunk_size=prefill_chunk_size,
-                    progress=progress), calibration
+                    progress=progress, checkpoint=checkpoint), calibration
 
 

@@ -16,6 +16,7 @@ import snapkv
 from snapkv import cli
 from snapkv.analysis import quality, text
 from snapkv.analysis.quality import plots as quality_plots
+from snapkv.analysis.quality import runner
 
 TOKENIZER = AsciiTokenizer()
 HAYSTACK = text.stdlib_haystack_text(["textwrap", "csv", "json"])
@@ -469,3 +470,30 @@ def test_successor_checks_read_only_the_prompts_the_full_cache_answers():
     assert checks.loc["suite mean: snapkv >= streaming at every budget"].met
     adakv = checks.loc["suite mean: adakv >= streaming at every budget"]
     assert not adakv.met and adakv.measured == "below at 256 (0.550 vs 0.600)"
+
+
+def test_evaluate_resumes_from_its_checkpoint_and_runs_only_what_is_missing(tmp_path, monkeypatch):
+    model = tiny_model("llama")
+    prompts = quality.needle_prompts(TOKENIZER, lengths=[300], depths=[0.0, 0.5, 1.0], haystack_text=HAYSTACK)
+    prompts = [dataclasses.replace(p, max_new_tokens=3) for p in prompts]
+    grid = quality.method_grid(["full", "snapkv"], [64], [])
+    timing = ["decode_seconds", "prefill_seconds"]
+    plain = quality.evaluate(model, TOKENIZER, prompts, grid, progress=False).drop(columns=timing)
+    checkpoint = tmp_path / "resume" / "06.jsonl"
+    first = quality.evaluate(model, TOKENIZER, prompts, grid, progress=False, checkpoint=checkpoint)
+    pd.testing.assert_frame_equal(first.drop(columns=timing), plain)
+    lines = checkpoint.read_text().splitlines()
+    assert len(lines) == 3  # one line per prompt
+    checkpoint.write_text(lines[1] + "\n" + lines[2][:40])  # prompt 1 finished; an interrupted write after it
+    ran = []
+    original = runner.answers_with_shared_prefill
+    monkeypatch.setattr(runner, "answers_with_shared_prefill", lambda *a, **k: ran.append(a[1]) or original(*a, **k))
+    resumed = quality.evaluate(model, TOKENIZER, prompts, grid, progress=False, checkpoint=checkpoint)
+    pd.testing.assert_frame_equal(resumed.drop(columns=timing), plain)
+    middle = (resumed.depth == 0.5).to_numpy()  # read back from the file: even its timings are the first run's
+    pd.testing.assert_frame_equal(resumed[middle], first[middle])
+    assert ran == [prompts[0].context_ids, prompts[2].context_ids]
+    ran.clear()  # another method grid is another key: everything runs again
+    quality.evaluate(model, TOKENIZER, prompts, quality.method_grid(["full"], [], []), progress=False,
+                     checkpoint=checkpoint)
+    assert len(ran) == 3
