@@ -78,7 +78,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     axis.set_xlabel("seconds for one sample (cProfile adds some overhead)")
     axis.set_ylabel("")
     axis.invert_yaxis()
-    axis.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=10)
+    axis.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=10)
     axis.legend(fontsize=8)
     axis.figure.tight_layout()
     axis.figure.savefig(path, dpi=110)
