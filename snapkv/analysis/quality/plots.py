@@ -57,8 +57,9 @@ def needle_heatmap_figure(table: pd.DataFrame, caption: str, mode: str = "questi
     columns = min(4, len(panels))
     rows_n = math.ceil(len(panels) / columns)
     sns.set_theme(style="white")
-    fig, axes = plt.subplots(rows_n, columns, figsize=(3.4 * columns + 1, 3.2 * rows_n + 0.6), squeeze=False,
-                             gridspec_kw={"hspace": 0.5, "top": 1 - 0.8 / (3.2 * rows_n + 0.6)})
+    inches = 3.2 * rows_n + 0.6  # the title keeps its 0.9 inch above the first row's panel titles at any height
+    fig, axes = plt.subplots(rows_n, columns, figsize=(3.4 * columns + 1, inches), squeeze=False,
+                             gridspec_kw={"hspace": 0.5, "top": 1 - 0.9 / inches})
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     cmap = sns.color_palette("RdYlGn", as_cmap=True).with_extremes(bad="#d9d9d9")
@@ -72,10 +73,11 @@ def needle_heatmap_figure(table: pd.DataFrame, caption: str, mode: str = "questi
         ax.tick_params(labelsize=7)
     fig.colorbar(plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 1)), ax=axes.ravel().tolist(),
                  shrink=0.6, label="score")
-    fig.suptitle(f"Needle in a haystack, {mode} ({caption})", fontsize=11)
+    fig.suptitle(f"Needle in a haystack, {mode} ({caption})", fontsize=11, y=1 - 0.2 / inches)
 
+    height = 280 * rows_n + 120  # pixels; 60 of them between rows, whatever the number of rows
     interactive = make_subplots(rows=rows_n, cols=columns, subplot_titles=[_panel_name(*p) for p in panels],
-                                horizontal_spacing=0.04, vertical_spacing=0.12)
+                                horizontal_spacing=0.04, vertical_spacing=60 / height)
     for i, grid in enumerate(grids):
         interactive.add_trace(go.Heatmap(z=grid.values, x=[str(x) for x in grid.columns],
                                          y=[f"{y:.0%}" for y in grid.index], coloraxis="coloraxis",
@@ -85,7 +87,7 @@ def needle_heatmap_figure(table: pd.DataFrame, caption: str, mode: str = "questi
     interactive.update_yaxes(title_text="needle depth", col=1)
     interactive.update_layout(title=f"Needle in a haystack, {mode} ({caption})",
                               coloraxis={"colorscale": "RdYlGn", "cmin": 0, "cmax": 1, "colorbar": {"title": "score"}},
-                              height=280 * rows_n + 120)
+                              height=height)
     return fig, interactive
 
 
