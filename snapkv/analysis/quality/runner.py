@@ -179,6 +179,11 @@ def _line_stop(tokenizer):
     return stop
 
 
+def methods_for(prompt: QualityPrompt, methods: Sequence[Method]) -> list[Method]:
+    """The methods a prompt runs: a budget >= its length keeps the whole prompt, i.e. equals the full cache."""
+    return [m for m in methods if m.budget is None or m.budget < prompt.length]
+
+
 def method_answers(model, tokenizer, prompts: Sequence[QualityPrompt], methods: Sequence[Method], *, modes, desc: str,
              prefill_chunk_size: int | None, progress: bool = True):
     """Yield (prompt, mode, method name, budget, answer text, GeneratedAnswer, prefill seconds) for every prompt,
@@ -187,7 +192,7 @@ def method_answers(model, tokenizer, prompts: Sequence[QualityPrompt], methods: 
     bar = tqdm(prompts, desc=desc, unit="prompt", disable=not progress)
     for prompt in bar:
         bar.set_postfix_str(f"{prompt.task} {prompt.length} tokens")
-        chosen = [m for m in methods if m.budget is None or m.budget < prompt.length]
+        chosen = methods_for(prompt, methods)
         stop = _line_stop(tokenizer) if prompt.stop_at_newline else None
         start = time.perf_counter()
         answers = answers_with_shared_prefill(model, prompt.context_ids, prompt.tail_ids, chosen, modes=modes,
@@ -263,8 +268,8 @@ def evaluate(model, tokenizer, prompts: Sequence[QualityPrompt], methods: Sequen
     if checkpoint is not None:
         checkpoint = Path(checkpoint)
         fingerprint = model_fingerprint(model, tokenizer)
-        keys = {id(p): _prompt_key(fingerprint, p, [m for m in methods if m.budget is None or m.budget < p.length],
-                                   modes, prefill_chunk_size) for p in prompts}
+        keys = {id(p): _prompt_key(fingerprint, p, methods_for(p, methods), modes, prefill_chunk_size)
+                for p in prompts}
         done = _read_checkpoint(checkpoint)
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
     todo = [p for p in prompts if keys.get(id(p)) not in done]

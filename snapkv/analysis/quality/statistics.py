@@ -142,9 +142,8 @@ def successor_checks(needle_table: pd.DataFrame | None = None, suite_table: pd.D
     if suite_table is not None:
         means = suite_means(suite_table[suite_table["mode"] == mode]).set_index(["method", "budget"]).suite_mean
         streaming = means.get("streaming")
-        for method in [m for m in SNAPKV_FAMILY if m in means.index.get_level_values("method")]:
-            if streaming is None:
-                break
+        ran = [m for m in SNAPKV_FAMILY if m in means.index.get_level_values("method")] if streaming is not None else []
+        for method in ran:
             budgets = sorted(set(means[method].index) & set(streaming.index))
             behind = [f"{int(b)} ({means[method, b]:.3f} vs {streaming[b]:.3f})" for b in budgets
                       if means[method, b] < streaming[b]]
