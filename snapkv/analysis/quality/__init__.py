@@ -11,6 +11,8 @@ from snapkv.analysis.quality.ablation import (
 from snapkv.analysis.quality.methods import (
     ABLATION_BUDGETS,
     ABLATION_METHODS,
+    CALIBRATED,
+    CALIBRATION_THRESHOLD,
     DEFAULT_BUDGETS,
     DEFAULT_METHODS,
     KERNEL_SIZE,
@@ -20,6 +22,7 @@ from snapkv.analysis.quality.methods import (
     QUICK_BUDGETS,
     QUICK_LENGTHS,
     QUICK_METHODS,
+    SNAPKV_FAMILY,
     WINDOW_SIZE,
     Method,
     NeedleSettings,
@@ -53,6 +56,7 @@ from snapkv.analysis.quality.runner import (
     GeneratedAnswer,
     answers_with_shared_prefill,
     calibrated_evaluate,
+    drop_checkpoint,
     evaluate,
     needle_retention,
     needle_retention_experiment,
@@ -66,8 +70,6 @@ from snapkv.analysis.quality.scoring import (
     score_answer,
 )
 from snapkv.analysis.quality.statistics import (
-    CALIBRATION_THRESHOLD,
-    SNAPKV_FAMILY,
     accuracy_by_model,
     calibrate,
     retention_table,
@@ -86,8 +88,8 @@ __all__ = [
     "ABLATION_METHODS", "DEFAULT_METHODS", "MODES", "POOLING", "Method", "method_policy", "check_methods",
     "method_grid", "check_lengths_fit", "QUICK_METHODS", "QUICK_BUDGETS", "QUICK_LENGTHS", "NeedleSettings",
     "TaskSettings", "DEFAULT_PREFILL_CHUNK", "GeneratedAnswer", "answers_with_shared_prefill", "evaluate",
-    "needle_tokens", "needle_retention", "needle_retention_experiment", "calibrated_evaluate", "contains_score",
-    "prefix_score", "first_code_line", "edit_similarity", "score_answer", "CALIBRATION_THRESHOLD", "calibrate",
-    "with_full_score", "retention_table", "summarize_quality", "suite_means", "target_checks",
-    "SNAPKV_FAMILY", "successor_checks", "pooling_ablation",
+    "drop_checkpoint", "needle_tokens", "needle_retention", "needle_retention_experiment", "calibrated_evaluate",
+    "contains_score", "prefix_score", "first_code_line", "edit_similarity", "score_answer", "CALIBRATION_THRESHOLD",
+    "calibrate", "with_full_score", "retention_table", "summarize_quality", "suite_means", "target_checks",
+    "SNAPKV_FAMILY", "CALIBRATED", "successor_checks", "pooling_ablation",
 ]

@@ -35,7 +35,7 @@ import pandas as pd
 
 from snapkv import FullCache, SnapKV
 from snapkv.analysis.quality.cluster_width import needle_sweep
-from snapkv.analysis.quality.methods import Method, check_lengths_fit
+from snapkv.analysis.quality.methods import CALIBRATED, Method, check_lengths_fit
 from snapkv.analysis.quality.prompts import QualityPrompt, check_samples, fill_haystack, question_tail
 from snapkv.analysis.quality.runner import DEFAULT_PREFILL_CHUNK, model_fingerprint
 from snapkv.analysis.text import chat_parts, stdlib_haystack_text, token_ids
@@ -339,7 +339,7 @@ def calibrated_policy(model, tokenizer, budget: int, **kwargs) -> SnapKV:
     return calibrate(model, tokenizer, budget=budget, **kwargs).policy
 
 
-def calibrated_methods(model, tokenizer, budgets: Sequence[int], name: str = "snapkv-calibrated",
+def calibrated_methods(model, tokenizer, budgets: Sequence[int], name: str = CALIBRATED,
                        **kwargs) -> list[Method]:
     """One `quality.Method` per budget with the calibrated SnapKV, to append to a `quality.method_grid` (notebooks
     06/07: the calibrated SnapKV beside the paper's settings)."""

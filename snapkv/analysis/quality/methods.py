@@ -7,7 +7,6 @@ from typing import ClassVar
 
 from snapkv import H2O, AdaKV, ChunkKV, FullCache, Policy, PyramidKV, RandomEviction, SnapKV, StreamingLLM
 from snapkv.analysis.quality.prompts import DEFAULT_DEPTHS, DEFAULT_LENGTHS, TASKS
-from snapkv.analysis.quality.statistics import CALIBRATION_THRESHOLD
 from snapkv.core.policies import check_int
 
 DEFAULT_BUDGETS = (128, 256, 512, 1024)
@@ -16,6 +15,9 @@ WINDOW_SIZE, KERNEL_SIZE = 16, 5  # the paper's needle-in-a-haystack setting (ma
 METHODS = ("full", "snapkv", "adakv", "pyramidkv", "chunkkv", "streaming", "random", "h2o", "snapkv-avgpool",
            "snapkv-nopool")
 SUCCESSORS = {"adakv": AdaKV, "pyramidkv": PyramidKV, "chunkkv": ChunkKV}  # SnapKV's arguments, their own defaults
+CALIBRATED = "snapkv-calibrated"  # `snapkv.calibrate`'s SnapKV at each budget
+SNAPKV_FAMILY = ("snapkv", CALIBRATED, *SUCCESSORS)  # SnapKV and its successors
+CALIBRATION_THRESHOLD = 0.5  # full-cache score a (task, length) group needs to be kept
 ABLATION_METHODS = ("snapkv-avgpool", "snapkv-nopool")  # run at the ablation budgets only
 DEFAULT_METHODS = METHODS
 MODES = ("question-aware", "question-agnostic")  # compress with the question in the window, or before it

@@ -21,8 +21,9 @@ The result equals running `model.generate` inside `snapkv.compress(model, policy
 (pinned by tests/analysis/quality/test_quality.py), at the cost of one prefill per prompt instead of one per method.
 
 Resuming (`evaluate(..., checkpoint=FILE)`): each finished prompt's rows are appended to a JSONL file under a key of
-everything that decides them (model fingerprint, prompt ids, methods with their policies, modes, prefill chunk), so
-a long run that is interrupted continues where it stopped; the notebooks delete the file once their table is saved.
+everything that decides them (model fingerprint, prompt ids, methods with their policies, modes, prefill chunk, and
+the package's source code), so a long run that is interrupted continues where it stopped, and one rerun after a code
+change starts again; the notebooks delete the file once their table is saved (`drop_checkpoint`).
 
 Tables are tidy: one row per (prompt, mode, method, budget) with `score` in [0, 1] (needle and key
 retrieval: 1 if the answer contains the value; multi-value and variable tracking: the fraction of the
@@ -44,10 +45,10 @@ import torch
 from tqdm.auto import tqdm
 
 from snapkv import H2O, Policy, SnapKV
-from snapkv.analysis.quality.methods import MODES, Method, check_lengths_fit, method_grid
+from snapkv.analysis.quality.methods import CALIBRATION_THRESHOLD, MODES, Method, check_lengths_fit, method_grid
 from snapkv.analysis.quality.prompts import QualityPrompt, check_samples
 from snapkv.analysis.quality.scoring import first_code_line, prefix_score, score_answer
-from snapkv.analysis.quality.statistics import CALIBRATION_THRESHOLD, calibrate
+from snapkv.analysis.quality.statistics import calibrate
 from snapkv.analysis.text import chat_parts, token_ids
 from snapkv.core.compat import copy_cache, forward, new_cache, prefill
 from snapkv.core.compress import CompressionSession, attach
@@ -225,9 +226,19 @@ def model_fingerprint(model, tokenizer) -> str:
     return digest.hexdigest()
 
 
-def _prompt_key(fingerprint: str, prompt: QualityPrompt, methods: Sequence[Method], modes, prefill_chunk_size) -> str:
+def code_digest() -> str:
+    """sha256 of the snapkv package's Python sources (the code that decides a checkpoint's rows)."""
+    digest = hashlib.sha256()
+    root = Path(__file__).resolve().parents[2]  # the snapkv package
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _prompt_key(fingerprint: str, code: str, prompt: QualityPrompt, methods: Sequence[Method], modes,
+                prefill_chunk_size) -> str:
     """The checkpoint key of one prompt's rows: sha256 of everything that decides them."""
-    payload = dict(model=fingerprint, ids=hashlib.sha256(str(list(prompt.ids)).encode()).hexdigest(),
+    payload = dict(model=fingerprint, code=code, ids=hashlib.sha256(str(list(prompt.ids)).encode()).hexdigest(),
                    prompt=[prompt.task, prompt.length, prompt.depth, prompt.sample, prompt.max_new_tokens,
                            prompt.stop_at_newline, list(prompt.expected), len(prompt.context_ids)],
                    methods=[[m.name, m.budget, repr(m.policy)] for m in methods], modes=list(modes),
@@ -248,6 +259,14 @@ def _read_checkpoint(path: Path) -> dict[str, list[dict]]:
     return done
 
 
+def drop_checkpoint(path: str | Path) -> None:
+    """Delete an `evaluate` checkpoint once the tables it fed are saved, and its folder if nothing else is in it."""
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    if path.parent.is_dir() and not any(path.parent.iterdir()):
+        path.parent.rmdir()
+
+
 def evaluate(model, tokenizer, prompts: Sequence[QualityPrompt], methods: Sequence[Method], *,
              modes: Sequence[str] = ("question-aware",), prefill_chunk_size: int | None = DEFAULT_PREFILL_CHUNK,
              progress: bool = True, checkpoint: str | Path | None = None) -> pd.DataFrame:
@@ -259,7 +278,8 @@ def evaluate(model, tokenizer, prompts: Sequence[QualityPrompt], methods: Sequen
     see `prefix_score`), answer, expected, cache_slots, decode_seconds, prefill_seconds (the prompt's shared
     prefill).
     checkpoint: a JSONL file to resume from: prompts whose rows it holds under the same key (model, prompt,
-    methods, modes, prefill chunk) are not run again, and each prompt run here is appended as it finishes.
+    methods, modes, prefill chunk, `code_digest`) are not run again, and each prompt run here is appended as it
+    finishes; `drop_checkpoint` deletes it.
     """
     if not prompts:
         raise ValueError("no prompts to evaluate")
@@ -267,8 +287,8 @@ def evaluate(model, tokenizer, prompts: Sequence[QualityPrompt], methods: Sequen
     keys, done = {}, {}
     if checkpoint is not None:
         checkpoint = Path(checkpoint)
-        fingerprint = model_fingerprint(model, tokenizer)
-        keys = {id(p): _prompt_key(fingerprint, p, methods_for(p, methods), modes, prefill_chunk_size)
+        fingerprint, code = model_fingerprint(model, tokenizer), code_digest()
+        keys = {id(p): _prompt_key(fingerprint, code, p, methods_for(p, methods), modes, prefill_chunk_size)
                 for p in prompts}
         done = _read_checkpoint(checkpoint)
         checkpoint.parent.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,7 @@ import numpy as np
 import pandas as pd
 
 from snapkv.analysis.observation.metrics import summarize
-
-CALIBRATION_THRESHOLD = 0.5
+from snapkv.analysis.quality.methods import CALIBRATED, CALIBRATION_THRESHOLD, SNAPKV_FAMILY
 
 
 def calibrate(table: pd.DataFrame, threshold: float = CALIBRATION_THRESHOLD, by=("task", "length"),
@@ -108,9 +107,6 @@ def target_checks(needle_table: pd.DataFrame | None = None, suite_table: pd.Data
     return pd.DataFrame.from_records(records, columns=["target", "measured", "met"])
 
 
-SNAPKV_FAMILY = ("snapkv", "snapkv-calibrated", "adakv", "pyramidkv", "chunkkv")  # SnapKV and its successors
-
-
 def successor_checks(needle_table: pd.DataFrame | None = None, suite_table: pd.DataFrame | None = None, *,
                      mode: str = "question-aware", calibrated=((512, 0.9), (256, 0.8)), best_budget: int = 512,
                      best_target: float = 0.95) -> pd.DataFrame:
@@ -128,9 +124,9 @@ def successor_checks(needle_table: pd.DataFrame | None = None, suite_table: pd.D
         means = answered.groupby(["method", "budget"]).score.mean()
         prompts = answered.drop_duplicates(["length", "depth", "sample"]).shape[0]
         for budget, share in calibrated:
-            if ("snapkv-calibrated", budget) in means:
-                value = means["snapkv-calibrated", budget]
-                records.append(dict(target=f"needle: snapkv-calibrated @ {budget} keeps >= {share:.0%} of the full "
+            if (CALIBRATED, budget) in means:
+                value = means[CALIBRATED, budget]
+                records.append(dict(target=f"needle: {CALIBRATED} @ {budget} keeps >= {share:.0%} of the full "
                                            "cache's accuracy", measured=f"{value:.3f} on the {prompts} prompts the "
                                            "full cache answers", met=bool(value >= share)))
         at_budget = means[means.index.get_level_values("budget") == best_budget]

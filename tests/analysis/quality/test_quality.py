@@ -497,3 +497,14 @@ def test_evaluate_resumes_from_its_checkpoint_and_runs_only_what_is_missing(tmp_
     quality.evaluate(model, TOKENIZER, prompts, quality.method_grid(["full"], [], []), progress=False,
                      checkpoint=checkpoint)
     assert len(ran) == 3
+    ran.clear()  # the same grid after a change to the package's code: everything runs again
+    monkeypatch.setattr(runner, "code_digest", lambda: "edited")
+    quality.evaluate(model, TOKENIZER, prompts, grid, progress=False, checkpoint=checkpoint)
+    assert len(ran) == 3
+    (checkpoint.parent / "other").write_text("")  # dropping keeps a folder that holds something else
+    quality.drop_checkpoint(checkpoint)
+    assert not checkpoint.exists() and checkpoint.parent.is_dir()
+    (checkpoint.parent / "other").unlink()
+    checkpoint.write_text("")
+    quality.drop_checkpoint(checkpoint)
+    assert not checkpoint.parent.exists()
