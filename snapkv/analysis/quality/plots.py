@@ -35,6 +35,22 @@ def _colors(methods) -> dict:
             for i, m in enumerate(methods)}
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h")  # matplotlib
+PLOTLY_SYMBOLS = {"o": "circle", "s": "square", "^": "triangle-up", "D": "diamond", "v": "triangle-down",
+                  "P": "cross", "X": "x", "*": "star", "<": "triangle-left", ">": "triangle-right", "h": "hexagon"}
+DODGE_OCTAVES = 0.035  # horizontal offset between neighbouring methods on a log2 budget axis
+
+
+def _markers(methods) -> dict:
+    return {m: MARKERS[i % len(MARKERS)] for i, m in enumerate(methods)}
+
+
+def _dodged(budgets, index: int, count: int):
+    """Budgets shifted by a few hundredths of an octave per method (log axis), so methods with equal scores
+    (e.g. AdaKV = SnapKV with one KV head) draw side by side instead of on top of each other."""
+    return np.asarray(budgets, dtype=float) * 2.0 ** (DODGE_OCTAVES * (index - (count - 1) / 2))
+
+
 def _hex(color) -> str:
     return "#" + "".join(f"{round(c * 255):02x}" for c in color[:3])
 
@@ -93,15 +109,18 @@ def needle_heatmap_figure(table: pd.DataFrame, caption: str, mode: str = "questi
 
 def accuracy_vs_budget_figure(summary: pd.DataFrame, retention: pd.DataFrame, caption: str):
     """Score (top row, mean with 95% bootstrap band) and retention relative to the full cache (bottom row)
-    against the budget, one column per task, one colour per method, solid = question-aware, dashed =
-    question-agnostic; the full cache is the dashed grey line of the top row.
+    against the budget, one column per task, one colour and marker per method, solid = question-aware, dashed =
+    question-agnostic, each line shifted a little along the budget axis (`_dodged`) so equal lines stay
+    visible; the full cache is the grey line of the top row.
 
     summary: `summarize_quality(table, ["mode", "task", "method", "budget"])`; retention:
     `retention_table(table, ["mode", "task", "method", "budget"])`.
     """
     tasks = sorted(summary.task.unique())
     methods = sorted((m for m in summary.method.unique() if m != "full"), key=_method_rank)
-    colors = _colors(methods)
+    colors, markers = _colors(methods), _markers(methods)
+    lines = sorted({(m, mode) for m, mode in zip(summary.method, summary["mode"]) if m != "full"},
+                   key=lambda line: (_method_rank(line[0]), line[1]))
     sns.set_theme(style="whitegrid")
     fig, axes = plt.subplots(2, len(tasks), figsize=(4.2 * len(tasks), 6.4), sharex=True, squeeze=False)
     interactive = make_subplots(rows=2, cols=len(tasks), subplot_titles=tasks + [""] * len(tasks), shared_xaxes=True,
@@ -117,27 +136,37 @@ def accuracy_vs_budget_figure(summary: pd.DataFrame, retention: pd.DataFrame, ca
                                              line={"color": "grey", "dash": PLOTLY_DASH.get(mode, "dot")},
                                              name=f"full ({mode})", legendgroup=f"full {mode}",
                                              showlegend=column == 0), row=1, col=column + 1)
-        for (method, mode), group in part[part.method != "full"].groupby(["method", "mode"]):
-            group = group.sort_values("budget")
-            x = group.budget.astype(float)
-            top.plot(x, group["mean"], marker="o", markersize=3, color=colors[method],
+        for index, (method, mode) in enumerate(lines):  # legend in METHOD_ORDER
+            group = part[(part.method == method) & (part["mode"] == mode)].sort_values("budget")
+            if group.empty:
+                continue
+            x = _dodged(group.budget, index, len(lines))
+            top.plot(x, group["mean"], marker=markers[method], markersize=4, color=colors[method],
                      linestyle=MODE_DASH.get(mode, ":"), label=f"{method} ({mode})")
             top.fill_between(x, group.ci_low, group.ci_high, color=colors[method], alpha=0.12)
             interactive.add_trace(go.Scatter(
                 x=x, y=group["mean"], mode="lines+markers", name=f"{method} ({mode})", legendgroup=f"{method} {mode}",
                 showlegend=column == 0, line={"color": _hex(colors[method]), "dash": PLOTLY_DASH.get(mode, "dot")},
+                marker={"symbol": PLOTLY_SYMBOLS[markers[method]]}, customdata=group.budget.astype(int),
+                hovertemplate=f"{method} ({mode})<br>budget %{{customdata}}<br>score %{{y:.3f}}<extra></extra>",
                 error_y={"type": "data", "symmetric": False, "array": group.ci_high - group["mean"],
                          "arrayminus": group["mean"] - group.ci_low}), row=1, col=column + 1)
         kept = retention[retention.task == task]
-        for (method, mode), group in kept.groupby(["method", "mode"]):
-            group = group.sort_values("budget")
-            x = group.budget.astype(float)
-            bottom.plot(x, group.retention, marker="o", markersize=3, color=colors[method],
+        for index, (method, mode) in enumerate(lines):
+            group = kept[(kept.method == method) & (kept["mode"] == mode)].sort_values("budget")
+            if group.empty:
+                continue
+            x = _dodged(group.budget, index, len(lines))
+            bottom.plot(x, group.retention, marker=markers[method], markersize=4, color=colors[method],
                         linestyle=MODE_DASH.get(mode, ":"))
             interactive.add_trace(go.Scatter(x=x, y=group.retention, mode="lines+markers", showlegend=False,
                                              legendgroup=f"{method} {mode}",
                                              line={"color": _hex(colors[method]),
-                                                   "dash": PLOTLY_DASH.get(mode, "dot")}),
+                                                   "dash": PLOTLY_DASH.get(mode, "dot")},
+                                             marker={"symbol": PLOTLY_SYMBOLS[markers[method]]},
+                                             customdata=group.budget.astype(int),
+                                             hovertemplate=f"{method} ({mode})<br>budget %{{customdata}}<br>"
+                                                           "retention %{y:.3f}<extra></extra>"),
                                   row=2, col=column + 1)
         bottom.axhline(1.0, color="grey", linewidth=1)
         top.set(title=task, ylabel="score" if column == 0 else "", ylim=(-0.02, 1.02))
@@ -145,10 +174,11 @@ def accuracy_vs_budget_figure(summary: pd.DataFrame, retention: pd.DataFrame, ca
         for ax in (top, bottom):
             ax.set_xscale("log", base=2)
             ax.set_xticks(budgets, [str(int(b)) for b in budgets])
-    axes[0][0].legend(fontsize=7, loc="lower right")
     fig.suptitle(f"Accuracy against budget ({caption})", fontsize=11)
     fig.tight_layout()
-    interactive.update_xaxes(type="log")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.93), title="method (mode)")
+    interactive.update_xaxes(type="log", tickvals=budgets, ticktext=[str(int(b)) for b in budgets])
     interactive.update_xaxes(title_text="budget (prompt tokens kept)", row=2)
     interactive.update_yaxes(title_text="score", row=1, col=1)
     interactive.update_yaxes(title_text="retention vs full", row=2, col=1)
@@ -240,8 +270,9 @@ def calibration_figure(calibration: pd.DataFrame, caption: str, threshold: float
 
 
 def accuracy_by_model_figure(summary: pd.DataFrame, caption: str, ylabel: str = "accuracy"):
-    """Accuracy against budget, one panel per model, one line per method (mean with its 95% bootstrap band);
-    the full cache is a grey dashed horizontal line across the budgets.
+    """Accuracy against budget, one panel per model, one line and marker per method (mean with its 95% bootstrap
+    band), shifted a little along the budget axis (`_dodged`) so equal lines stay visible; the full cache is a
+    grey dashed horizontal line across the budgets.
 
     summary: `statistics.accuracy_by_model`. The plotly figure is built from one frame sorted by (model,
     method, budget) in which the full cache is repeated at each budget of its model, so every trace's points
@@ -251,6 +282,7 @@ def accuracy_by_model_figure(summary: pd.DataFrame, caption: str, ylabel: str = 
     models = list(dict.fromkeys(summary.model))
     methods = sorted((m for m in summary.method.unique() if m != "full"), key=_method_rank)
     colors = _colors(methods) | {"full cache": (0.5, 0.5, 0.5)}
+    markers = _markers(methods) | {"full cache": "o"}
     rows = []
     for model in models:
         part = summary[summary.model == model]
@@ -265,6 +297,8 @@ def accuracy_by_model_figure(summary: pd.DataFrame, caption: str, ylabel: str = 
     data = pd.concat(rows, ignore_index=True) if rows else summary.assign(method_label=summary.method)
     data = data.assign(budget=data.budget.astype(float), _model=data.model.map(models.index),
                        _method=data.method_label.map(order.index))
+    data["x"] = [_dodged([b], order.index(m) - 1, len(methods))[0] if m != "full cache" else b
+                 for b, m in zip(data.budget, data.method_label)]
     data = data.sort_values(["_model", "_method", "budget"]).drop(columns=["_model", "_method"])
 
     sns.set_theme(style="whitegrid")
@@ -278,8 +312,8 @@ def accuracy_by_model_figure(summary: pd.DataFrame, caption: str, ylabel: str = 
             if name == "full cache":
                 ax.axhline(group["mean"].iloc[0], color="grey", linestyle="--", linewidth=1.2, label=name)
                 continue
-            ax.plot(group.budget, group["mean"], marker="o", markersize=3, color=colors[name], label=name)
-            ax.fill_between(group.budget, group.ci_low, group.ci_high, color=colors[name], alpha=0.12)
+            ax.plot(group.x, group["mean"], marker=markers[name], markersize=4, color=colors[name], label=name)
+            ax.fill_between(group.x, group.ci_low, group.ci_high, color=colors[name], alpha=0.12)
         ax.set_xscale("log", base=2)
         ax.set(title=model, xlabel="budget (prompt tokens kept)", ylabel=ylabel, ylim=(-0.02, 1.02))
     handles = {}
@@ -293,16 +327,21 @@ def accuracy_by_model_figure(summary: pd.DataFrame, caption: str, ylabel: str = 
                bbox_to_anchor=(1.0, 0.9))
 
     data = data.assign(ci_plus=data.ci_high - data["mean"], ci_minus=data["mean"] - data.ci_low)
-    interactive = px.line(data, x="budget", y="mean", color="method_label", facet_col="model", markers=True,
-                          error_y="ci_plus", error_y_minus="ci_minus", log_x=True, hover_data=["samples", "over"],
+    interactive = px.line(data, x="x", y="mean", color="method_label", facet_col="model", markers=True,
+                          symbol="method_label", symbol_map={m: PLOTLY_SYMBOLS[k] for m, k in markers.items()},
+                          error_y="ci_plus", error_y_minus="ci_minus", log_x=True,
+                          hover_data={"x": False, "budget": True, "samples": True, "over": True},
                           category_orders={"model": models, "method_label": order},
                           color_discrete_map={m: _hex(c) for m, c in colors.items()},
-                          labels={"mean": ylabel, "budget": "budget (prompt tokens kept)", "method_label": "method"},
+                          labels={"mean": ylabel, "x": "budget (prompt tokens kept)", "budget": "budget",
+                                  "method_label": "method"},
                           title="<br>".join(textwrap.wrap(title, 110)))
     for trace in interactive.data:
         if trace.name == "full cache":
             trace.update(line={"dash": "dash", "width": 1.2}, marker={"size": 4}, error_y={"visible": False})
     interactive.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))
+    budgets = sorted(data.budget.dropna().unique())
+    interactive.update_xaxes(tickvals=budgets, ticktext=[str(int(b)) for b in budgets])
     interactive.update_yaxes(range=[-0.02, 1.02])
     interactive.update_layout(margin={"t": 110})
     return fig, interactive

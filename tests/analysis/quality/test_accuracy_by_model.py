@@ -1,5 +1,6 @@
 """Accuracy against budget per method across models: data shaping, figure and reading, on synthetic tables."""
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -66,9 +67,13 @@ def test_figure_draws_one_panel_per_model_and_the_full_cache_across_the_budgets(
     names = [trace.name for trace in interactive.data]
     assert names == ["full cache", "snapkv", "random", "streaming"] * 2
     for trace in interactive.data:
-        assert list(trace.x) == [128.0, 256.0]
+        assert [row[0] for row in trace.customdata] == [128.0, 256.0]  # the hover shows the budget itself
+        shift = np.asarray(trace.x) / [128.0, 256.0]  # drawn a little beside it, the same factor at each budget
+        assert shift == pytest.approx([shift[0]] * 2) and 0.9 < shift[0] < 1.1
         if trace.name == "full cache":
-            assert list(trace.y) == [1.0, 1.0] and trace.line.dash == "dash"
+            assert list(trace.y) == [1.0, 1.0] and trace.line.dash == "dash" and shift[0] == 1.0
+    first = [trace.x[0] for trace in interactive.data[1:4]]  # equal scores must not hide each other
+    assert len(set(first)) == 3 and len({trace.marker.symbol for trace in interactive.data[1:4]}) == 3
     import matplotlib.pyplot as plt
 
     plt.close(figure)

@@ -321,7 +321,11 @@ def test_figures_and_targets_from_the_table(tiny_table):
     summary = quality.summarize_quality(tasks)
     retention = quality.retention_table(tasks, ["mode", "task", "method", "budget"])
     fig, interactive = quality_plots.accuracy_vs_budget_figure(summary, retention, "tiny")
-    assert len(interactive.data) > 0
+    lines = [t for t in interactive.data if t.customdata is not None]
+    assert lines and all(list(t.customdata) == [64] for t in lines)  # hover: the budget; x: drawn beside it
+    assert len({t.x[0] for t in lines if t.showlegend}) == len([t for t in lines if t.showlegend]) > 1
+    legend = [t.name.split(" (")[0] for t in lines if t.showlegend]
+    assert legend == sorted(legend, key=quality_plots.METHOD_ORDER.index)
     ablation = table[(table.task == "needle") & table.method.str.startswith("snapkv") & (table.budget == 64)]
     summary = quality.summarize_quality(ablation.assign(pooling=ablation.method), ["pooling", "length"])
     fig, interactive = quality_plots.pooling_ablation_figure(summary, "tiny")
