@@ -83,7 +83,7 @@ def needle_heatmap_figure(table: pd.DataFrame, caption: str, mode: str = "questi
         sns.heatmap(grid, ax=ax, cmap=cmap, vmin=0, vmax=1, cbar=False, annot=grid.shape[0] * grid.shape[1] <= 60,
                     fmt=".1f", annot_kws={"fontsize": 7}, linewidths=0.3, linecolor="white")
         mean = float(np.nanmean(grid.values)) if np.isfinite(grid.values).any() else float("nan")
-        ax.set_title(f"{_panel_name(method, budget)}  (mean {mean:.2f})", fontsize=9)
+        ax.set_title(f"{_panel_name(method, budget)}  (mean {mean:.2f})", fontsize=8)
         ax.set_xlabel("context length (tokens)", fontsize=8)
         ax.set_ylabel("needle depth", fontsize=8)
         ax.tick_params(labelsize=7)
