@@ -15,6 +15,7 @@ def accuracy_by_model_reading(summary: pd.DataFrame, what: str) -> str:
     lines = [f"{what.capitalize()} accuracy vs budget on {len(models)} model(s) ({summary['mode'].iloc[0]}, mean "
              f"over {summary.over.iloc[0]}):"]
     holds: dict[str, dict[str, bool]] = {baseline: {} for baseline in BASELINES}
+    best: dict[str, dict[int, tuple[str, float]]] = {}
     for model in models:
         part = summary[summary.model == model]
         full = part[part.method == "full"]["mean"]
@@ -34,6 +35,10 @@ def accuracy_by_model_reading(summary: pd.DataFrame, what: str) -> str:
             behind = [int(b) for b in shared if b not in ahead]
             text += (f"; at or above {baseline} at " + ("every budget" if not behind else
                      f"{len(ahead)} of {len(shared)} budgets (below at {', '.join(map(str, behind))})"))
+        best[model] = _best_per_budget(part)
+        if best[model]:
+            text += "; best compressing method: " + ", ".join(f"{method} {value:.2f} @ {budget}"
+                                                              for budget, (method, value) in best[model].items())
         lines.append(text + ".")
     for baseline, by_model in holds.items():
         if len(by_model) < 2:
@@ -44,6 +49,9 @@ def accuracy_by_model_reading(summary: pd.DataFrame, what: str) -> str:
             held = [m for m, ok in by_model.items() if ok]
             lines.append(f"**Does not hold on every model:** SnapKV is at or above {baseline} at every budget on "
                          f"{', '.join(held) if held else 'no model'}.")
+    leaders = {method for per_budget in best.values() for method, _ in per_budget.values()}
+    if len(best) > 1 and all(best.values()) and len(leaders) == 1:
+        lines.append(f"**Holds on every model:** {leaders.pop()} is the best compressing method at every budget.")
     fulls = summary[summary.method == "full"].set_index("model")["mean"]
     if len(fulls) > 1 and fulls.max() - fulls.min() >= 0.1:
         lines.append(f"The full caches differ ({', '.join(f'{m} {v:.2f}' for m, v in fulls.items())}): a model that "
@@ -51,3 +59,11 @@ def accuracy_by_model_reading(summary: pd.DataFrame, what: str) -> str:
     if len(models) < 2:
         lines.append(f"Only {', '.join(models)} has data: nothing to compare across models.")
     return "\n".join(lines)
+
+
+def _best_per_budget(part: pd.DataFrame) -> dict[int, tuple[str, float]]:
+    """{budget: (method, mean)} of the compressing method with the highest mean at each budget (first in the
+    table's order on ties)."""
+    compressed = part[part.method != "full"].dropna(subset=["budget"])
+    return {int(budget): (group.loc[group["mean"].idxmax(), "method"], float(group["mean"].max()))
+            for budget, group in compressed.groupby("budget", sort=True)}

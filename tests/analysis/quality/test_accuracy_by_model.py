@@ -52,6 +52,11 @@ def test_reading_compares_snapkv_with_the_baselines_on_every_model():
     assert "at or above streaming at 1 of 2 budgets (below at 256)" in text
     assert "**Holds on every model:** SnapKV is at or above random at every budget." in text
     assert "**Does not hold on every model:** SnapKV is at or above streaming at every budget on a." in text
+    assert "; best compressing method: snapkv 0.75 @ 128, streaming 0.50 @ 256." in text  # b: streaming leads at 256
+    assert "is the best compressing method at every budget" not in text
+    same = quality.accuracy_by_model(pd.concat([quality_table("a", GOOD), quality_table("b", GOOD)]))
+    assert ("**Holds on every model:** snapkv is the best compressing method at every budget."
+            in quality.accuracy_by_model_reading(same, "needle"))
     low_full = quality_table("b", GOOD | {("full", None): 0.5})
     text = quality.accuracy_by_model_reading(quality.accuracy_by_model(pd.concat([quality_table("a", GOOD), low_full])),
                                              "needle")
