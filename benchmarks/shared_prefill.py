@@ -23,16 +23,16 @@ import torch  # noqa: E402
 
 import snapkv  # noqa: E402
 from snapkv import H2O, SnapKV  # noqa: E402
-from snapkv.analysis.quality.runner import DEFAULT_PREFILL_CHUNK  # noqa: E402
+from snapkv.analysis.quality.runner import DEFAULT_PREFILL_CHUNK, observer_policy  # noqa: E402
 from snapkv.analysis.text import stdlib_source_ids  # noqa: E402
 from snapkv.core.compat import new_cache, prefill  # noqa: E402
 from snapkv.core.compress import CompressionSession, attach  # noqa: E402
 
 WINDOW = 32
-OBSERVERS = {
+OBSERVERS = {  # the runner's own observer for a grid without H2O and for one with it
     "plain": None,
-    f"observed: last {WINDOW} queries": SnapKV(window_size=WINDOW, max_capacity_prompt=WINDOW + 1, kernel_size=1),
-    "observed: H2O's accumulated attention": H2O(max_capacity_prompt=WINDOW + 1, window_size=WINDOW),
+    f"observed: last {WINDOW} queries": observer_policy([SnapKV(window_size=WINDOW)]),
+    "observed: H2O's accumulated attention": observer_policy([SnapKV(window_size=WINDOW), H2O(window_size=WINDOW)]),
 }
 
 

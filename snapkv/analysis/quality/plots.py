@@ -51,6 +51,11 @@ def _dodged(budgets, index: int, count: int):
     return np.asarray(budgets, dtype=float) * 2.0 ** (DODGE_OCTAVES * (index - (count - 1) / 2))
 
 
+def _budget_ticks(budgets) -> dict:
+    """Plotly x-axis ticks at the budgets themselves."""
+    return {"tickvals": list(budgets), "ticktext": [str(int(b)) for b in budgets]}
+
+
 def _hex(color) -> str:
     return "#" + "".join(f"{round(c * 255):02x}" for c in color[:3])
 
@@ -178,7 +183,7 @@ def accuracy_vs_budget_figure(summary: pd.DataFrame, retention: pd.DataFrame, ca
     fig.tight_layout()
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.93), title="method (mode)")
-    interactive.update_xaxes(type="log", tickvals=budgets, ticktext=[str(int(b)) for b in budgets])
+    interactive.update_xaxes(type="log", **_budget_ticks(budgets))
     interactive.update_xaxes(title_text="budget (prompt tokens kept)", row=2)
     interactive.update_yaxes(title_text="score", row=1, col=1)
     interactive.update_yaxes(title_text="retention vs full", row=2, col=1)
@@ -341,7 +346,7 @@ def accuracy_by_model_figure(summary: pd.DataFrame, caption: str, ylabel: str = 
             trace.update(line={"dash": "dash", "width": 1.2}, marker={"size": 4}, error_y={"visible": False})
     interactive.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))
     budgets = sorted(data.budget.dropna().unique())
-    interactive.update_xaxes(tickvals=budgets, ticktext=[str(int(b)) for b in budgets])
+    interactive.update_xaxes(**_budget_ticks(budgets))
     interactive.update_yaxes(range=[-0.02, 1.02])
     interactive.update_layout(margin={"t": 110})
     return fig, interactive

@@ -70,7 +70,9 @@ class GeneratedAnswer:
     kept_positions: dict = dataclasses.field(default_factory=dict)
 
 
-def _observer_policy(policies: Sequence[Policy]) -> Policy:
+def observer_policy(policies: Sequence[Policy]) -> Policy:
+    """The policy of the session that observes the shared prefill for all of `policies`: the widest window, and
+    H2O (attention accumulated over every query) when one of them needs it."""
     window = max([max(p.window_size, 1) for p in policies] + [1])
     if any(p.needs_accumulated_attention for p in policies):
         return H2O(max_capacity_prompt=window + 1, window_size=window)
@@ -127,7 +129,7 @@ def answers_with_shared_prefill(model, context_ids, tail_ids, methods: Sequence[
         raise ValueError(f"prefill_chunk_size ({prefill_chunk_size}) must be at least the window ({window})")
     if context.shape[1] < window:
         raise ValueError(f"the context has {context.shape[1]} tokens, fewer than the window ({window})")
-    observer = CompressionSession(model, _observer_policy(policies), prefill_chunk_size, observe_only=True)
+    observer = CompressionSession(model, observer_policy(policies), prefill_chunk_size, observe_only=True)
     cache = new_cache(model)
     results = {}
 
