@@ -170,31 +170,37 @@ def accumulated_attention(
     *,
     scaling: float | None = None,
     padding_mask: torch.Tensor | None = None,
-    block_size: int = 256,
+    block_size: int = 128,
 ) -> torch.Tensor:
     """H2O's heavy-hitter score: attention each key receives, summed over causal queries.
 
     queries: (batch, heads, q, head_dim) are the LAST q of the n positions in `keys`
-    (batch, kv_heads, n, head_dim). Works on `block_size` query rows at a time, so memory is
-    block_size x n, never n x n. Returns float32 (batch, heads, n).
+    (batch, kv_heads, n, head_dim). Works on `block_size` query rows at a time, each against only the
+    keys up to its last row (the causal triangle), so memory is block_size x n, never n x n. A block's
+    column sums are one matrix-vector product of its unnormalised probabilities with the inverse row
+    sums, so the normalised probabilities are never written. Returns float32 (batch, heads, n).
     """
     batch, heads, q, head_dim = queries.shape
     n = keys.shape[-2]
     scaling = head_dim**-0.5 if scaling is None else scaling
     k = repeat_kv(keys.float(), heads // keys.shape[1]).transpose(2, 3)
-    columns = torch.arange(n, device=keys.device)
+    real = None if padding_mask is None else padding_mask.bool()
     total = torch.zeros(batch, heads, n, dtype=torch.float32, device=keys.device)
     for start in range(0, q, block_size):
-        rows = queries[:, :, start : start + block_size].float()
-        row_pos = torch.arange(start, start + rows.shape[2], device=keys.device) + (n - q)
-        visible = (columns[None, :] <= row_pos[:, None])[None, None]
-        if padding_mask is not None:
-            visible = visible & padding_mask[:, None, None, :].bool()
-        logits = (torch.matmul(rows, k) * scaling).masked_fill(~visible, float("-inf"))
-        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows of padding queries see nothing
-        if padding_mask is not None:
-            probs = probs * padding_mask[:, None, n - q + start : n - q + start + rows.shape[2], None]
-        total += probs.sum(dim=2)
+        rows = queries[:, :, start : start + block_size].float() * scaling
+        first = n - q + start  # position of the block's first query; keys after its last are never seen
+        end = first + rows.shape[2]
+        logits = torch.matmul(rows, k[..., :end])
+        future = torch.ones(rows.shape[2], rows.shape[2], dtype=torch.bool, device=keys.device).triu(1)
+        logits[..., first:].masked_fill_(future, float("-inf"))
+        if real is not None:
+            logits.masked_fill_(~real[:, None, None, :end], float("-inf"))
+        unnormalised = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+        inverse_sums = unnormalised.sum(dim=-1).reciprocal_()
+        if real is not None:  # a padding query sees nothing (its row is all NaN) and adds nothing
+            unnormalised.nan_to_num_(0.0)
+            inverse_sums = torch.where(real[:, None, first:end], inverse_sums, 0.0)
+        total[..., :end] += torch.matmul(inverse_sums.unsqueeze(-2), unnormalised).squeeze(-2)
     return total
 
 

@@ -108,3 +108,17 @@ def test_accumulated_attention_equals_full_matrix_column_sums():
     assert torch.allclose(got, full.sum(dim=2), atol=1e-5)
     # the last 10 queries only (a prefill chunk) against all 40 keys
     assert torch.allclose(accumulated_attention(queries[:, :, 30:], keys), full[:, :, 30:].sum(2), atol=1e-5)
+
+
+def test_accumulated_attention_with_left_padding_equals_the_unpadded_prompt():
+    torch.manual_seed(5)
+    pad, n = 6, 30
+    queries, keys = torch.randn(1, 4, n, 8), torch.randn(1, 2, n, 8)
+    alone = accumulated_attention(queries, keys, block_size=7)
+    padded_queries = torch.cat([torch.randn(1, 4, pad, 8), queries], dim=2)  # padding holds garbage
+    padded_keys = torch.cat([torch.randn(1, 2, pad, 8), keys], dim=2)
+    real = torch.cat([torch.zeros(1, pad, dtype=torch.bool), torch.ones(1, n, dtype=torch.bool)], dim=1)
+    got = accumulated_attention(padded_queries, padded_keys, padding_mask=real, block_size=7)
+    assert bool(torch.isfinite(got).all())
+    assert bool((got[..., :pad] == 0).all())
+    assert torch.allclose(got[..., pad:], alone, atol=1e-5)
