@@ -29,10 +29,14 @@ def _panel_name(method: str, budget) -> str:
 
 
 def _colors(methods) -> dict:
-    strong_then_light = sns.color_palette("tab20", 20)
-    palette = strong_then_light[::2] + strong_then_light[1::2]  # distinct colours for up to 20 methods
-    return {m: palette[_method_rank(m) if _method_rank(m) < len(METHOD_ORDER) else len(METHOD_ORDER) + i]
-            for i, m in enumerate(methods)}
+    """A distinct colour per method: the strong tab10 colours first, then their light halves, with tab10's grey
+    (which draws the full cache) replaced by tab20b's dark and light indigo."""
+    tab20, indigo = sns.color_palette("tab20", 20), sns.color_palette("tab20b", 20)
+    palette = tab20[::2] + tab20[1::2]
+    palette[7], palette[17] = indigo[0], indigo[2]
+    others = [m for m in methods if _method_rank(m) >= len(METHOD_ORDER)]  # after the known ones, in given order
+    return {m: palette[(_method_rank(m) if m not in others else len(METHOD_ORDER) + others.index(m)) % len(palette)]
+            for m in methods}
 
 
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h")  # matplotlib
@@ -112,6 +116,16 @@ def needle_heatmap_figure(table: pd.DataFrame, caption: str, mode: str = "questi
     return fig, interactive
 
 
+def _method_trace(method: str, mode: str, x, y, budgets: pd.Series, what: str, color, marker: str,
+                  **extra) -> go.Scatter:
+    """One method's plotly line in one mode, drawn at `x` (dodged) and hovering the real budget and `what`."""
+    return go.Scatter(x=x, y=y, mode="lines+markers", legendgroup=f"{method} {mode}",
+                      line={"color": _hex(color), "dash": PLOTLY_DASH.get(mode, "dot")},
+                      marker={"symbol": PLOTLY_SYMBOLS[marker]}, customdata=budgets.astype(int),
+                      hovertemplate=f"{method} ({mode})<br>budget %{{customdata}}<br>{what} %{{y:.3f}}<extra></extra>",
+                      **extra)
+
+
 def accuracy_vs_budget_figure(summary: pd.DataFrame, retention: pd.DataFrame, caption: str):
     """Score (top row, mean with 95% bootstrap band) and retention relative to the full cache (bottom row)
     against the budget, one column per task, one colour and marker per method, solid = question-aware, dashed =
@@ -149,11 +163,9 @@ def accuracy_vs_budget_figure(summary: pd.DataFrame, retention: pd.DataFrame, ca
             top.plot(x, group["mean"], marker=markers[method], markersize=4, color=colors[method],
                      linestyle=MODE_DASH.get(mode, ":"), label=f"{method} ({mode})")
             top.fill_between(x, group.ci_low, group.ci_high, color=colors[method], alpha=0.12)
-            interactive.add_trace(go.Scatter(
-                x=x, y=group["mean"], mode="lines+markers", name=f"{method} ({mode})", legendgroup=f"{method} {mode}",
-                showlegend=column == 0, line={"color": _hex(colors[method]), "dash": PLOTLY_DASH.get(mode, "dot")},
-                marker={"symbol": PLOTLY_SYMBOLS[markers[method]]}, customdata=group.budget.astype(int),
-                hovertemplate=f"{method} ({mode})<br>budget %{{customdata}}<br>score %{{y:.3f}}<extra></extra>",
+            interactive.add_trace(_method_trace(
+                method, mode, x, group["mean"], group.budget, "score", colors[method], markers[method],
+                name=f"{method} ({mode})", showlegend=column == 0,
                 error_y={"type": "data", "symmetric": False, "array": group.ci_high - group["mean"],
                          "arrayminus": group["mean"] - group.ci_low}), row=1, col=column + 1)
         kept = retention[retention.task == task]
@@ -164,14 +176,8 @@ def accuracy_vs_budget_figure(summary: pd.DataFrame, retention: pd.DataFrame, ca
             x = _dodged(group.budget, index, len(lines))
             bottom.plot(x, group.retention, marker=markers[method], markersize=4, color=colors[method],
                         linestyle=MODE_DASH.get(mode, ":"))
-            interactive.add_trace(go.Scatter(x=x, y=group.retention, mode="lines+markers", showlegend=False,
-                                             legendgroup=f"{method} {mode}",
-                                             line={"color": _hex(colors[method]),
-                                                   "dash": PLOTLY_DASH.get(mode, "dot")},
-                                             marker={"symbol": PLOTLY_SYMBOLS[markers[method]]},
-                                             customdata=group.budget.astype(int),
-                                             hovertemplate=f"{method} ({mode})<br>budget %{{customdata}}<br>"
-                                                           "retention %{y:.3f}<extra></extra>"),
+            interactive.add_trace(_method_trace(method, mode, x, group.retention, group.budget, "retention",
+                                                colors[method], markers[method], showlegend=False),
                                   row=2, col=column + 1)
         bottom.axhline(1.0, color="grey", linewidth=1)
         top.set(title=task, ylabel="score" if column == 0 else "", ylim=(-0.02, 1.02))

@@ -1,6 +1,7 @@
 """Readings of the quality experiments across models: pure functions of `statistics.accuracy_by_model` that
 return Markdown, the comparisons behind each verdict computed here, under test."""
 
+import numpy as np
 import pandas as pd
 
 BASELINES = ("streaming", "random")  # the issue's target: SnapKV beats these at every budget
@@ -15,7 +16,7 @@ def accuracy_by_model_reading(summary: pd.DataFrame, what: str) -> str:
     lines = [f"{what.capitalize()} accuracy vs budget on {len(models)} model(s) ({summary['mode'].iloc[0]}, mean "
              f"over {summary.over.iloc[0]}):"]
     holds: dict[str, dict[str, bool]] = {baseline: {} for baseline in BASELINES}
-    best: dict[str, dict[int, tuple[str, float]]] = {}
+    best: dict[str, dict[int, tuple[tuple[str, ...], float]]] = {}
     for model in models:
         part = summary[summary.model == model]
         full = part[part.method == "full"]["mean"]
@@ -37,8 +38,8 @@ def accuracy_by_model_reading(summary: pd.DataFrame, what: str) -> str:
                      f"{len(ahead)} of {len(shared)} budgets (below at {', '.join(map(str, behind))})"))
         best[model] = _best_per_budget(part)
         if best[model]:
-            text += "; best compressing method: " + ", ".join(f"{method} {value:.2f} @ {budget}"
-                                                              for budget, (method, value) in best[model].items())
+            text += "; best compressing method: " + ", ".join(f"{' = '.join(methods)} {value:.2f} @ {budget}"
+                                                              for budget, (methods, value) in best[model].items())
         lines.append(text + ".")
     for baseline, by_model in holds.items():
         if len(by_model) < 2:
@@ -49,9 +50,12 @@ def accuracy_by_model_reading(summary: pd.DataFrame, what: str) -> str:
             held = [m for m, ok in by_model.items() if ok]
             lines.append(f"**Does not hold on every model:** SnapKV is at or above {baseline} at every budget on "
                          f"{', '.join(held) if held else 'no model'}.")
-    leaders = {method for per_budget in best.values() for method, _ in per_budget.values()}
-    if len(best) > 1 and all(best.values()) and len(leaders) == 1:
-        lines.append(f"**Holds on every model:** {leaders.pop()} is the best compressing method at every budget.")
+    tops = [set(methods) for per_budget in best.values() for methods, _ in per_budget.values()]
+    always = set.intersection(*tops) if tops else set()
+    if len(best) > 1 and all(best.values()) and len(always) == 1:
+        tied = " (tied at some)" if any(len(top) > 1 for top in tops) else ""
+        lines.append(f"**Holds on every model:** {always.pop()} is the best compressing method at every "
+                     f"budget{tied}.")
     fulls = summary[summary.method == "full"].set_index("model")["mean"]
     if len(fulls) > 1 and fulls.max() - fulls.min() >= 0.1:
         lines.append(f"The full caches differ ({', '.join(f'{m} {v:.2f}' for m, v in fulls.items())}): a model that "
@@ -61,9 +65,12 @@ def accuracy_by_model_reading(summary: pd.DataFrame, what: str) -> str:
     return "\n".join(lines)
 
 
-def _best_per_budget(part: pd.DataFrame) -> dict[int, tuple[str, float]]:
-    """{budget: (method, mean)} of the compressing method with the highest mean at each budget (first in the
-    table's order on ties)."""
+def _best_per_budget(part: pd.DataFrame) -> dict[int, tuple[tuple[str, ...], float]]:
+    """{budget: (methods, mean)}: the compressing methods with the highest mean at each budget, all of them when
+    several tie, in the table's order."""
     compressed = part[part.method != "full"].dropna(subset=["budget"])
-    return {int(budget): (group.loc[group["mean"].idxmax(), "method"], float(group["mean"].max()))
-            for budget, group in compressed.groupby("budget", sort=True)}
+    best = {}
+    for budget, group in compressed.groupby("budget", sort=True):
+        top = float(group["mean"].max())
+        best[int(budget)] = (tuple(group.loc[np.isclose(group["mean"], top, rtol=0, atol=1e-9), "method"]), top)
+    return best

@@ -57,6 +57,10 @@ def test_reading_compares_snapkv_with_the_baselines_on_every_model():
     same = quality.accuracy_by_model(pd.concat([quality_table("a", GOOD), quality_table("b", GOOD)]))
     assert ("**Holds on every model:** snapkv is the best compressing method at every budget."
             in quality.accuracy_by_model_reading(same, "needle"))
+    tied = quality.accuracy_by_model(pd.concat([quality_table(m, GOOD | {("streaming", 256): 1.0}) for m in "ab"]))
+    text = quality.accuracy_by_model_reading(tied, "needle")  # a tie names every leader, not the first in order
+    assert "; best compressing method: snapkv 0.75 @ 128, snapkv = streaming 1.00 @ 256." in text
+    assert "**Holds on every model:** snapkv is the best compressing method at every budget (tied at some)." in text
     low_full = quality_table("b", GOOD | {("full", None): 0.5})
     text = quality.accuracy_by_model_reading(quality.accuracy_by_model(pd.concat([quality_table("a", GOOD), low_full])),
                                              "needle")
@@ -82,3 +86,12 @@ def test_figure_draws_one_panel_per_model_and_the_full_cache_across_the_budgets(
     import matplotlib.pyplot as plt
 
     plt.close(figure)
+
+
+def test_method_colours_are_distinct_and_never_the_full_caches_grey():
+    from snapkv.analysis.quality.plots import METHOD_ORDER, _colors
+
+    methods = [m for m in METHOD_ORDER if m != "full"] + ["custom-a", "custom-b"]
+    colours = _colors(methods)
+    assert len(set(colours.values())) == len(methods)
+    assert all(len({round(channel, 3) for channel in colour}) > 1 for colour in colours.values())  # no grey

@@ -323,6 +323,8 @@ def test_figures_and_targets_from_the_table(tiny_table):
     fig, interactive = quality_plots.accuracy_vs_budget_figure(summary, retention, "tiny")
     lines = [t for t in interactive.data if t.customdata is not None]
     assert lines and all(list(t.customdata) == [64] for t in lines)  # hover: the budget; x: drawn beside it
+    hovers = {t.showlegend: t.hovertemplate for t in lines}  # the score row shows the legend; retention does not
+    assert "<br>score %{y" in hovers[True] and "<br>retention %{y" in hovers[False]
     assert len({t.x[0] for t in lines if t.showlegend}) == len([t for t in lines if t.showlegend]) > 1
     legend = [t.name.split(" (")[0] for t in lines if t.showlegend]
     assert legend == sorted(legend, key=quality_plots.METHOD_ORDER.index)
