@@ -53,7 +53,7 @@ def accuracy_by_model_reading(summary: pd.DataFrame, what: str) -> str:
     tops = [set(methods) for per_budget in best.values() for methods, _ in per_budget.values()]
     always = set.intersection(*tops) if tops else set()
     if len(best) > 1 and all(best.values()) and len(always) == 1:
-        tied = " (tied at some)" if any(len(top) > 1 for top in tops) else ""
+        tied = " (tied at some budgets)" if any(len(top) > 1 for top in tops) else ""
         lines.append(f"**Holds on every model:** {always.pop()} is the best compressing method at every "
                      f"budget{tied}.")
     fulls = summary[summary.method == "full"].set_index("model")["mean"]
