@@ -6,6 +6,38 @@ from transformers.cache_utils import DynamicLayer
 from snapkv.core.compat import mask_query_length
 
 
+ARENA_BYTES = 33 * 2**20  # above glibc's largest mmap threshold (32 MiB on 64-bit): a block this size is mmapped
+ARENA_ALIGN = 64  # bytes; every placed tensor starts on a multiple of this
+
+
+class SlotArena:
+    """Where a prompt's compressed layers keep their tensors on the CPU: packed into blocks of `ARENA_BYTES`.
+
+    Why: glibc serves an allocation below its mmap threshold from the heap, and the threshold rises (up to
+    32 MiB) each time a large block is freed. Allocated one by one, each layer's kept slots land on the heap
+    between the prompt's freed keys and values and the next layer's temporaries, and pin that memory: a heap
+    gives memory back only from its top. Packed into mmapped blocks, they leave the heap to be reused, and a
+    block is returned whole once its last tensor is gone (after the first decoding step's `torch.cat`). A
+    block's untouched pages are never resident. The README's peak-memory figures measure it. On other devices
+    (CUDA's caching allocator) tensors are returned as they are.
+    """
+
+    def __init__(self):
+        self.block: torch.Tensor | None = None
+        self.used = 0
+
+    def place(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A copy of `tensor` inside the arena (contiguous, same dtype and shape); `tensor` itself off the CPU."""
+        if tensor.device.type != "cpu":
+            return tensor
+        size = -(-tensor.nbytes // ARENA_ALIGN) * ARENA_ALIGN
+        if self.block is None or self.used + size > self.block.numel():
+            self.block, self.used = torch.empty(max(size, ARENA_BYTES), dtype=torch.uint8), 0
+        placed = self.block[self.used : self.used + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
+        self.used += size
+        return placed.copy_(tensor)
+
+
 class CompressedLayer(DynamicLayer):
     """Keys/values (batch, cache_heads, slots, head_dim) of the kept prompt positions, then decoded tokens.
 

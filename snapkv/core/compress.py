@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from snapkv.core import compat
-from snapkv.core.cache import CompressedLayer, RaggedLayer
+from snapkv.core.cache import CompressedLayer, RaggedLayer, SlotArena
 from snapkv.core.hook import ACTIVE_TAPS, ATTN_IMPLEMENTATION, AttentionCall, Tap, check_left_padding
 from snapkv.core.policies import Policy, PrefillView, accumulate, check_int
 
@@ -80,6 +80,7 @@ class CompressionSession(Tap):
         self._cache = None
         self._force_compress = False
         self._prompt_in_this_forward = False
+        self._arena = SlotArena()  # where the current prompt's compressed layers keep their tensors
         self.compressed_layers = full_attention_layers(model.config)  # the layers a policy may compress
 
     def compress_before_next_forward(self) -> None:
@@ -112,6 +113,8 @@ class CompressionSession(Tap):
     def before_forward(self, module, args, kwargs):
         self._cache = compat.forward_cache(kwargs)
         fresh = self._cache is None or self._cache.get_seq_length() == 0
+        if fresh:
+            self._arena = SlotArena()
         # the whole prompt in this one forward: compress each layer right after its prefill attention
         self._prompt_in_this_forward = fresh and self.prefill_chunk_size is None and _forward_length(args, kwargs) > 1
         if _forward_length(args, kwargs) > 1:  # prefill: the mask is checked once per chunk, not per step
@@ -197,7 +200,9 @@ class CompressionSession(Tap):
         new_keys = torch.cat([keys[:, :, :n].gather(2, index), keys[:, :, n:]], dim=2)
         new_values = torch.cat([values[:, :, :n].gather(2, index), values[:, :, n:]], dim=2)
         kind = RaggedLayer if self.policy.per_head_slots else CompressedLayer
-        layer = kind(new_keys, new_values, positions, prompt_length=n, groups=groups)
+        # the layer's tensors go into the prompt's arena, off glibc's heap, so the freed full keys can be reused
+        tensors, settings = kind(new_keys, new_values, positions, prompt_length=n, groups=groups).state()
+        layer = kind.from_state({name: self._arena.place(t) for name, t in tensors.items()}, settings)
         self._cache.layers[call.layer] = layer
         return call.with_kv(
             key=new_keys, value=new_values, mask=layer.attention_mask(call.query_length, call.query.shape[1]),

@@ -8,7 +8,7 @@ from transformers import AttentionInterface
 
 import snapkv
 from snapkv.core import compat
-from snapkv.core.cache import CompressedLayer
+from snapkv.core.cache import ARENA_ALIGN, ARENA_BYTES, CompressedLayer, SlotArena
 from snapkv.core.compress import attach
 from snapkv.core.hook import snapkv_attention
 
@@ -346,3 +346,28 @@ def test_copy_cache_is_independent_and_repeats_rows(model):
         if sliding:
             continue
         assert layer.keys.shape[0] == 3 and torch.equal(layer.keys[2, :, : original.keys.shape[-2]], original.keys[0])
+
+
+def test_slot_arena_packs_copies_into_blocks_too_large_for_the_heap():
+    arena = SlotArena()
+    keys, positions = torch.randn(2, 3, 5), torch.arange(7)
+    placed_keys, placed_positions = arena.place(keys), arena.place(positions)
+    for original, placed in ((keys, placed_keys), (positions, placed_positions)):
+        assert torch.equal(placed, original) and placed.dtype == original.dtype and placed.is_contiguous()
+        assert placed.data_ptr() != original.data_ptr() and placed.data_ptr() % ARENA_ALIGN == 0
+    block = placed_keys.untyped_storage()
+    assert placed_positions.untyped_storage().data_ptr() == block.data_ptr() and block.nbytes() >= ARENA_BYTES
+    large = arena.place(torch.ones(ARENA_BYTES // 4 + 1))  # larger than a block: a block of its own
+    assert large.untyped_storage().data_ptr() != block.data_ptr() and bool((large == 1).all())
+
+
+@pytest.mark.parametrize("policy", [SNAP, snapkv.AdaKV(window_size=8, max_capacity_prompt=24, kernel_size=3)],
+                         ids=["snapkv", "adakv"])
+def test_a_prompts_compressed_layers_share_one_arena_block(model, policy):
+    """Kept slots allocated one by one would pin the heap under the freed full keys (see SlotArena)."""
+    cache = compat.new_cache(model)
+    with torch.no_grad(), snapkv.compress(model, policy):
+        compat.prefill(model, prompt_ids(1), cache)
+    layers = [layer for layer in cache.layers if isinstance(layer, CompressedLayer)]
+    blocks = {tensor.untyped_storage().data_ptr() for layer in layers for tensor in layer.state()[0].values()}
+    assert layers and len(blocks) == 1
