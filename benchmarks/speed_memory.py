@@ -321,14 +321,16 @@ def plot(rows: list[dict], path: Path, threads: int = THREADS) -> None:
     order = sorted(frame["config"].unique(), key=lambda c: (c != "FullCache", c.split(" ")[0],
                                                            float(c.split(" ")[-1]) if " " in c else 0))
     sns.set_theme(style="whitegrid")
-    figure, axes = plt.subplots(1, 2, figsize=(13, 5))
-    panels = [("decode_ms_per_token", "decode ms / token (median, log scale)"),
-              ("kv_cache_mib", "KV cache MiB after decoding (log scale)")]
+    figure, axes = plt.subplots(1, 3, figsize=(19, 5))
+    panels = [("decode_ms_per_token", "decode ms / token (median, log scale)", "log"),
+              ("kv_cache_mib", "KV cache MiB after decoding (log scale)", "log"),
+              ("peak_rss_mib", "process peak RSS MiB, model included\n(one process per prompt)", "linear")]
     lengths = sorted(frame["prompt_len"].unique())
-    for axis, (column, label) in zip(axes, panels):
+    frame["peak_rss_mib"] = pd.to_numeric(frame["peak_rss_mib"])  # None for the shared-prefix (chunked) rows
+    for axis, (column, label, scale) in zip(axes, panels):
         sns.lineplot(data=frame, x="prompt_len", y=column, hue="config", hue_order=order, marker="o", ax=axis)
         axis.set_xscale("log", base=2)
-        axis.set_yscale("log")
+        axis.set_yscale(scale)
         axis.set_xticks(lengths, [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths])
         axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         axis.set_xlabel("prompt tokens")
@@ -346,6 +348,7 @@ def plot(rows: list[dict], path: Path, threads: int = THREADS) -> None:
                         label=f"native {NATIVE_REFERENCE_LENGTH} prompt")
         axes[0].legend(fontsize=8)
     axes[1].legend(fontsize=8)
+    axes[2].legend(fontsize=8)
     figure.suptitle("SnapKV vs full cache, SmolLM2-135M-Instruct, CPU "
                     f"({threads} threads, float32, batch 1)", fontsize=11)
     figure.tight_layout()

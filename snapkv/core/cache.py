@@ -5,7 +5,6 @@ from transformers.cache_utils import DynamicLayer
 
 from snapkv.core.compat import mask_query_length
 
-
 ARENA_BYTES = 33 * 2**20  # above glibc's largest mmap threshold (32 MiB on 64-bit): a block this size is mmapped
 ARENA_ALIGN = 64  # bytes; every placed tensor starts on a multiple of this
 
@@ -18,7 +17,8 @@ class SlotArena:
     between the prompt's freed keys and values and the next layer's temporaries, and pin that memory: a heap
     gives memory back only from its top. Packed into mmapped blocks, they leave the heap to be reused, and a
     block is returned whole once its last tensor is gone (after the first decoding step's `torch.cat`). A
-    block's untouched pages are never resident. The README's peak-memory figures measure it. On other devices
+    block's untouched pages are never resident; a tensor placed here keeps its whole block alive, so place only
+    what lives as long as the cache. The README's peak-memory figures measure it. On other devices
     (CUDA's caching allocator) tensors are returned as they are.
     """
 

@@ -32,7 +32,7 @@ from snapkv.core.policies import Policy, PrefillView, accumulate, check_int
 class _LayerPrefill:
     """What one layer saw of the current prompt so far."""
 
-    query_window: torch.Tensor
+    query_window: torch.Tensor | None  # None once the layer is compressed
     padding_mask: torch.Tensor | None
     accumulated: torch.Tensor | None = None
     done: bool = False
@@ -189,7 +189,8 @@ class CompressionSession(Tap):
         view = PrefillView(query_window=state.query_window, keys=call.key[:, :, :n], padding_mask=padding,
                            scaling=call.scaling, accumulated=state.accumulated)
         positions = self.policy.kept_positions(view, budget)
-        self.kept_positions[call.layer] = _prompt_positions(positions, padding)
+        state.query_window = state.accumulated = None  # done with: freed, not left among the heap's holes
+        self.kept_positions[call.layer] = _prompt_positions(positions, padding)  # outlives the cache: not in the arena
         if n <= budget(n):
             return call  # the budget covers the prompt: keep the cache as it is
         groups = positions.shape[1] // call.key.shape[1]

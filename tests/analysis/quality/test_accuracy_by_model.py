@@ -60,7 +60,8 @@ def test_reading_compares_snapkv_with_the_baselines_on_every_model():
     tied = quality.accuracy_by_model(pd.concat([quality_table(m, GOOD | {("streaming", 256): 1.0}) for m in "ab"]))
     text = quality.accuracy_by_model_reading(tied, "needle")  # a tie names every leader, not the first in order
     assert "; best compressing method: snapkv 0.75 @ 128, snapkv = streaming 1.00 @ 256." in text
-    assert "**Holds on every model:** snapkv is the best compressing method at every budget (tied at some budgets)." in text
+    assert ("**Holds on every model:** snapkv is the best compressing method at every budget (tied at some budgets)."
+            in text)
     low_full = quality_table("b", GOOD | {("full", None): 0.5})
     text = quality.accuracy_by_model_reading(quality.accuracy_by_model(pd.concat([quality_table("a", GOOD), low_full])),
                                              "needle")
