@@ -30,8 +30,9 @@ import sys
 import time
 from pathlib import Path
 
+from snapkv.analysis.speed.measure import SNAPKV_SETTINGS
+
 DEFAULT_OUT = "reports/benchmarks"
-SNAPKV_SETTINGS = {"window_size": 32, "kernel_size": 7, "pooling": "maxpool", "gqa": "mean"}
 LLAMA3_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                  intermediate_size=14336, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072)
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -157,11 +158,10 @@ def random_model_environment(model) -> dict:
 
 
 def write_results(out: Path, settings: dict, env: dict, rows: list[dict], complete: bool) -> dict:
+    from snapkv.core.files import atomic_write_text
+
     results = {"complete": complete, "settings": settings, "environment": env, "rows": rows}
-    out.mkdir(parents=True, exist_ok=True)
-    partial = out / "gpu_scale.json.tmp"
-    partial.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    partial.replace(out / "gpu_scale.json")
+    atomic_write_text(out / "gpu_scale.json", json.dumps(results, indent=2, default=str) + "\n")
     return results
 
 

@@ -231,10 +231,9 @@ def summary(speed: list[dict], needle: list[dict]) -> dict:
 
 
 def write_json(path: Path, results: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".json.tmp")
-    partial.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    partial.replace(path)
+    from snapkv.core.files import atomic_write_text
+
+    atomic_write_text(path, json.dumps(results, indent=2, default=str) + "\n")
 
 
 def plot(results: dict, path: Path) -> None:
@@ -243,6 +242,8 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import pandas as pd
+
+    from snapkv.core.files import atomic_path
 
     speed = pd.DataFrame(results["speed"])
     needle = pd.DataFrame(results["needle"])
@@ -269,9 +270,8 @@ def plot(results: dict, path: Path) -> None:
                     f"{env['torch_threads']} threads, load average at the end {env['loadavg_end'][0]:.1f}; SnapKV "
                     "window 64, kernel 5, avgpool, GQA mean", fontsize=10)
     figure.tight_layout()
-    partial = path.with_name(path.stem + ".tmp.png")
-    figure.savefig(partial, dpi=110)
-    partial.replace(path)
+    with atomic_path(path) as partial:
+        figure.savefig(partial, dpi=110)
 
 
 # -- command line ---------------------------------------------------------------------------------------
@@ -286,7 +286,8 @@ def parse_args(argv=None):
     parser.add_argument("--needle-budgets", type=int, nargs="+", default=[128, 256, 512])
     parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument("--venv", default=str(REPO / ".venv-peers"))
-    parser.add_argument("--quick", action="store_true", help="do nothing: quick runs do not install the peer")
+    parser.add_argument("--quick", action="store_true",
+                        help="do nothing: the quick and default profiles do not install the peer")
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for name in ("lengths", "needle_lengths", "needle_budgets"):
@@ -302,8 +303,9 @@ def main(argv=None) -> int:
     if args.inner:
         return inner(args)
     if args.quick:
-        print("not run: quick mode does not install the peer environment (kvpress with transformers 5.2, a few "
-              "minutes); run `python benchmarks/peers.py`", flush=True)
+        print("not run: the quick and default profiles do not install the peer environment (kvpress with "
+              "transformers 5.2, a few minutes); `snapkv reproduce --full` or `python benchmarks/peers.py` runs it",
+              flush=True)
         return NOT_RUN
     python = ensure_peer_environment(Path(args.venv))
     forwarded = sys.argv[1:] if argv is None else argv

@@ -229,9 +229,9 @@ def plot(results: dict, path: Path) -> None:
 
 def write_json(path: Path, data: dict) -> None:
     """Write `data` to `path` through a temporary file, so the file is whole or absent."""
-    staging = path.with_suffix(".json.tmp")
-    staging.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(staging, path)
+    from snapkv.core.files import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def main(argv=None) -> int:

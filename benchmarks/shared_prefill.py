@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 import snapkv  # noqa: E402
 from snapkv import H2O, SnapKV  # noqa: E402
-from snapkv.analysis.quality.runner import DEFAULT_PREFILL_CHUNK, observer_policy  # noqa: E402
+from snapkv.analysis.quality.runner import DEFAULT_PREFILL_CHUNK  # noqa: E402
 from snapkv.analysis.text import stdlib_source_ids  # noqa: E402
 from snapkv.core.compat import new_cache, prefill  # noqa: E402
 from snapkv.core.compress import CompressionSession, attach  # noqa: E402
@@ -31,19 +31,19 @@ from snapkv.core.compress import CompressionSession, attach  # noqa: E402
 WINDOW = 32
 OBSERVERS = {  # the runner's own observer for a grid without H2O and for one with it
     "plain": None,
-    f"observed: last {WINDOW} queries": observer_policy([SnapKV(window_size=WINDOW)]),
-    "observed: H2O's accumulated attention": observer_policy([SnapKV(window_size=WINDOW), H2O(window_size=WINDOW)]),
+    f"observed: last {WINDOW} queries": [SnapKV(window_size=WINDOW)],
+    "observed: H2O's accumulated attention": [SnapKV(window_size=WINDOW), H2O(window_size=WINDOW)],
 }
 
 
-def prefill_seconds(model, ids: torch.Tensor, policy) -> float:
+def prefill_seconds(model, ids: torch.Tensor, policies) -> float:
     cache = new_cache(model)
     start = time.perf_counter()
     with torch.no_grad():
-        if policy is None:
+        if policies is None:
             prefill(model, ids, cache, chunk_size=DEFAULT_PREFILL_CHUNK)
         else:
-            with attach(model, CompressionSession(model, policy, DEFAULT_PREFILL_CHUNK, observe_only=True)):
+            with attach(model, CompressionSession.observer(model, policies, DEFAULT_PREFILL_CHUNK)):
                 prefill(model, ids, cache, chunk_size=DEFAULT_PREFILL_CHUNK)
     return time.perf_counter() - start
 
@@ -62,8 +62,8 @@ def main() -> None:
     ids = torch.tensor([stdlib_source_ids(tokenizer, args.length, headers=False)])
     times = {name: [] for name in OBSERVERS}
     for _ in range(args.rounds):
-        for name, policy in OBSERVERS.items():
-            times[name].append(prefill_seconds(model, ids, policy))
+        for name, policies in OBSERVERS.items():
+            times[name].append(prefill_seconds(model, ids, policies))
             print(f"{name}: {times[name][-1]:.1f} s", flush=True)
     best = {name: min(values) for name, values in times.items()}
     result = dict(settings=dict(length=args.length, rounds=args.rounds, threads=args.threads,

@@ -54,6 +54,8 @@ import threading
 import time
 from pathlib import Path
 
+from snapkv.analysis.speed.measure import SNAPKV_SETTINGS
+
 DEFAULT_LENGTHS = [1024, 2048, 4096, 8192]
 DEFAULT_LONG_LENGTHS = [16384, 32768]
 DEFAULT_BUDGETS = [256, 512, 1024, 2048]
@@ -64,7 +66,6 @@ DEFAULT_OUT = "reports/benchmarks"
 THREADS = 2
 PREFILL_CHUNK_SIZE = 4096
 WARMUP_TOKENS = 64
-SNAPKV_SETTINGS = {"window_size": 32, "kernel_size": 7, "pooling": "maxpool", "gqa": "mean"}
 NATIVE_REFERENCE_LENGTH = 1024
 TARGET = {"prompt_len": 8192, "budget": 1024}
 TARGETS = {  # name: (threshold, "min" = the value must be at least it, "max" = at most)
@@ -459,6 +460,7 @@ def _exit_on_sigterm(signum, frame):
 def write_results(out: Path, args, env: dict, rows: list[dict], complete: bool) -> dict:
     """Write <out>/speed_memory.json (atomically) and return what it holds."""
     from snapkv.analysis.text import SOURCE_MODULES
+    from snapkv.core.files import atomic_write_text
 
     add_relative_columns(rows)
     results = {
@@ -483,10 +485,7 @@ def write_results(out: Path, args, env: dict, rows: list[dict], complete: bool) 
     }
     if env["kvpress"]["available"]:
         results["targets"]["kvpress.SnapKVPress"] = target_ratios(rows, "kvpress.SnapKVPress")
-    out.mkdir(parents=True, exist_ok=True)
-    partial = out / "speed_memory.json.tmp"
-    partial.write_text(json.dumps(results, indent=2) + "\n")
-    partial.replace(out / "speed_memory.json")
+    atomic_write_text(out / "speed_memory.json", json.dumps(results, indent=2) + "\n")
     return results
 
 

@@ -8,24 +8,29 @@ from snapkv.core import (
     FullCache,
     KVPack,
     Policy,
+    PrefillView,
     PyramidKV,
     RandomEviction,
+    ScoredPolicy,
     SnapKV,
     StreamingLLM,
     Trace,
     compress,
     load_model,
+    method_names,
+    method_policy,
     pack,
     record,
     record_teacher_forced,
+    register_method,
     select_positions,
 )
 
 __version__ = "0.1.0"
 __all__ = [
-    "H2O", "AdaKV", "ChunkKV", "FullCache", "KVPack", "Policy", "PyramidKV", "RandomEviction", "SnapKV",
-    "StreamingLLM", "Trace", "calibrate", "compress", "load_model", "pack", "record", "record_teacher_forced",
-    "select_positions",
+    "H2O", "AdaKV", "ChunkKV", "FullCache", "KVPack", "Policy", "PrefillView", "PyramidKV", "RandomEviction",
+    "ScoredPolicy", "SnapKV", "StreamingLLM", "Trace", "calibrate", "compress", "load_model", "method_names",
+    "method_policy", "pack", "record", "record_teacher_forced", "register_method", "select_positions",
 ]
 
 

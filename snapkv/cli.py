@@ -22,7 +22,12 @@ def add_reproduce_command(subparsers) -> None:
         "earlier with the same parameters are skipped (--force reruns them); a failing part is reported on the "
         "page and in the exit code (1) without stopping the others.",
     )
-    parser.add_argument("--quick", action="store_true", help="small prompts and few tokens: a fast smoke run")
+    _profile_arguments(parser, quick="a smoke run of tiny prompts, a few minutes (the test suite's)",
+                       full="paper-scale sample counts and method grids, meant for a GPU (--device cuda --dtype "
+                            "bfloat16); hours on a CPU")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="notebooks run side by side (default: 2 on a CPU of 2 or more cores, each on one torch "
+                             "thread; 1 on a GPU)")
     parser.add_argument("--model", default=None, metavar="NAME_OR_PATH",
                         help="model for the notebooks that declare a `model_name` parameter: an embedded model's "
                              "name (e.g. gemma-3-270m), a folder, a .gguf file or a cached hub id (default: their "
@@ -61,9 +66,9 @@ def _reproduce(args) -> int:
         if not benchmarks:
             raise ValueError(f"--benchmarks {args.benchmarks!r} holds no known benchmark script "
                              "(speed_memory.py, gpu_scale.py)")
-    parts = reproduce(args.out, notebook_dir=args.notebooks, quick=args.quick, model_name=args.model,
+    parts = reproduce(args.out, notebook_dir=args.notebooks, profile=_profile(args), model_name=args.model,
                       device=args.device, dtype=args.dtype, parameters=dict(args.parameter), force=args.force,
-                      benchmarks=benchmarks,
+                      benchmarks=benchmarks, workers=args.workers,
                       kernel_name=args.kernel, execution_timeout=args.cell_timeout)
     print(parts[["part", "status", "seconds", "output"]].to_string(index=False))
     print(f"index: {Path(args.out) / INDEX}")
@@ -74,6 +79,31 @@ def _reproduce(args) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _profile_arguments(parser, *, quick: str, full: str) -> None:
+    """--quick and --full (one or neither: the default profile, `snapkv.analysis.reporting.setup.PROFILES`)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_true", help=f"the quick profile: {quick}")
+    group.add_argument("--full", action="store_true", help=f"the full profile: {full}")
+
+
+def _profile(args) -> str:
+    return "quick" if args.quick else "full" if args.full else "default"
+
+
+def _profile_help(kind) -> dict:
+    """--quick / --full help texts that list what each profile of the settings dataclass `kind` changes."""
+    from snapkv.analysis.reporting.setup import profile_overrides
+
+    def listed(values: dict) -> str:
+        return "; ".join(f"{name} {_listed(value) if isinstance(value, tuple) else value}"
+                         for name, value in values.items())
+
+    full = kind()
+    paper = {name: getattr(full, name) for name in profile_overrides(kind, "default")}
+    return dict(quick=f"{listed(profile_overrides(kind, 'quick'))}; options given explicitly still apply",
+                full=f"paper scale ({listed(paper)}); options given explicitly still apply")
 
 
 def _parameter(text: str) -> tuple[str, object]:
@@ -159,12 +189,15 @@ def _listed(values) -> str:
 
 def _quality_arguments(parser, what: str, kind) -> None:
     """The options `snapkv needle` and `snapkv tasks` share; their defaults are those of `kind`
-    (quality.methods.NeedleSettings or TaskSettings), `--quick` applies `kind.QUICK`."""
+    (quality.methods.NeedleSettings or TaskSettings) in the full profile; without --full the default profile's
+    values apply, with --quick the quick profile's."""
+    import snapkv
     from snapkv.analysis import quality
+    from snapkv.analysis.reporting.setup import resolve_settings
 
-    default = kind()
+    default = resolve_settings(kind, "default")  # what the help calls the default: the default profile's values
     _model_arguments(parser)
-    parser.add_argument("--methods", default=None, help=f"comma-separated: {', '.join(quality.METHODS)} "
+    parser.add_argument("--methods", default=None, help=f"comma-separated: {', '.join(snapkv.method_names())} "
                         f"(default: {_listed(default.methods)})")
     parser.add_argument("--budgets", default=None, help=f"comma-separated prompt budgets (default: "
                         f"{_listed(default.budgets)})")
@@ -180,14 +213,12 @@ def _quality_arguments(parser, what: str, kind) -> None:
     parser.add_argument("--prefill-chunk", default=None,
                         help=f"prefill chunk in tokens (default: {quality.DEFAULT_PREFILL_CHUNK})")
     parser.add_argument("--out", default=None, help="output folder (default: reports/quality)")
-    quick = "; ".join(f"{name} {_listed(value) if isinstance(value, tuple) else value}"
-                      for name, value in kind.QUICK.items())
-    parser.add_argument("--quick", action="store_true", help=f"a tiny smoke run ({quick}); options given "
-                        "explicitly still apply")
+    _profile_arguments(parser, **_profile_help(kind))
     parser.add_argument("--window-size", default=None, help="observation window of SnapKV, H2O and random eviction "
-                        f"(default: {default.window_size}, the paper's needle setting; its LongBench runs use 32)")
-    parser.add_argument("--kernel-size", default=None,
-                        help=f"SnapKV pooling kernel (default: {default.kernel_size}; LongBench runs: 7)")
+                        f"(default: {default.window_size}, the paper's needle setting; its LongBench runs use "
+                        f"{snapkv.SnapKV.window_size})")
+    parser.add_argument("--kernel-size", default=None, help=f"SnapKV pooling kernel (default: {default.kernel_size}; "
+                        f"LongBench runs: {snapkv.SnapKV.kernel_size})")
 
 
 def add_needle_command(subparsers) -> None:
@@ -207,8 +238,9 @@ def add_needle_command(subparsers) -> None:
 
 def add_tasks_command(subparsers) -> None:
     from snapkv.analysis.quality.methods import TaskSettings
+    from snapkv.analysis.reporting.setup import resolve_settings
 
-    default = TaskSettings()
+    default = resolve_settings(TaskSettings, "default")
     parser = subparsers.add_parser(
         "tasks", help="RULER-style task suite and next-line code completion: accuracy against budget",
         description="Single/multi-key and multi-value retrieval, variable tracking and code completion at each "
@@ -233,7 +265,7 @@ def _quality_settings(args, kind, **given):
     from snapkv.core import check_int
 
     settings = resolve_settings(
-        kind, args.quick, methods=_given_list(args.methods, str, "methods"),
+        kind, _profile(args), methods=_given_list(args.methods, str, "methods"),
         budgets=_given_list(args.budgets, int, "budgets"),
         ablation_budgets=_given_list(args.ablation_budgets, int, "ablation-budgets"),
         lengths=_given_list(args.lengths, int, "lengths"), modes=_given_list(args.modes, str, "modes"),
@@ -268,7 +300,7 @@ def _run_record(args, settings, prefill_chunk: int) -> dict:
     from dataclasses import asdict
 
     return asdict(settings) | dict(prefill_chunk_size=prefill_chunk, model=args.model, device=args.device,
-                                   dtype=args.dtype, quick=args.quick)
+                                   dtype=args.dtype, profile=_profile(args))
 
 
 def _load_for_quality(args, lengths, max_new_tokens: int):
@@ -398,8 +430,9 @@ COMMANDS += [add_needle_command, add_tasks_command]
 
 def add_calibrate_command(subparsers) -> None:
     from snapkv.analysis.quality.calibration import CalibrationSettings
+    from snapkv.analysis.reporting.setup import resolve_settings
 
-    default = CalibrationSettings()
+    default = resolve_settings(CalibrationSettings, "default")
     parser = subparsers.add_parser(
         "calibrate", help="choose SnapKV's window, kernel, pooling and GQA mode for a model and budget",
         description="Try every candidate SnapKV setting on synthetic retrieval prompts (never the needle or task "
@@ -422,10 +455,7 @@ def add_calibrate_command(subparsers) -> None:
     parser.add_argument("--seed", default=None, help=f"seed of the calibration prompts (default: {default.seed})")
     parser.add_argument("--force", action="store_true", help="calibrate again even when a cached result exists")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
-    quick = "; ".join(f"{name} {_listed(value) if isinstance(value, tuple) else value}"
-                      for name, value in CalibrationSettings.QUICK.items())
-    parser.add_argument("--quick", action="store_true", help=f"a smoke run ({quick}); options given explicitly "
-                        "still apply")
+    _profile_arguments(parser, **_profile_help(CalibrationSettings))
     parser.set_defaults(handler=_calibrate)
 
 
@@ -439,7 +469,7 @@ def _calibrate(args) -> int:
     if not budgets:
         raise ValueError("--budgets is empty: give at least one budget, e.g. --budgets 256")
     settings = resolve_settings(
-        CalibrationSettings, args.quick, window_sizes=_given_list(args.window_sizes, int, "window-sizes"),
+        CalibrationSettings, _profile(args), window_sizes=_given_list(args.window_sizes, int, "window-sizes"),
         kernel_sizes=_given_list(args.kernel_sizes, int, "kernel-sizes"),
         poolings=_given_list(args.poolings, str, "poolings"), gqa_modes=_given_list(args.gqa, str, "gqa"),
         lengths=_given_list(args.lengths, int, "lengths"), samples=_given_one(args.samples, int, "samples"),
@@ -477,11 +507,14 @@ def _model_arguments(parser) -> None:
 
 
 def add_pack_command(subparsers) -> None:
+    from snapkv import SnapKV
+
     parser = subparsers.add_parser(
         "pack", help="prefill a document once and save its KV cache, to ask it many questions (snapkv ask)",
         description="Prefill FILE as the start of a one-turn chat (the model's chat template; the plain "
         "Question/Answer format without one) and save its KV cache to --out: the full cache, or with --budget the "
-        "cache compressed by SnapKV (window 32, kernel 7) at the end of the document, before any question. "
+        f"cache compressed by SnapKV (window {SnapKV.window_size}, kernel {SnapKV.kernel_size}) at the end of the "
+        "document, before any question. "
         "`snapkv ask DIR QUESTION` then answers from it without reading the document again.",
     )
     parser.add_argument("file", help="the document: a UTF-8 text file")

@@ -10,7 +10,7 @@ from snapkv.analysis.reporting.notebooks import run_notebooks
 
 
 def write_notebook(path, *sources):
-    cells = [new_code_cell("quick = False\nreports_dir = '.'", metadata={"tags": ["parameters"]})]
+    cells = [new_code_cell("profile = 'default'\nreports_dir = '.'", metadata={"tags": ["parameters"]})]
     cells += [new_code_cell(source) for source in sources]
     kernelspec = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(new_notebook(cells=cells, metadata={"kernelspec": kernelspec}), path)
@@ -21,7 +21,7 @@ import json, sys
 from pathlib import Path
 figures = Path(reports_dir) / "figures"
 figures.mkdir(parents=True, exist_ok=True)
-seen = {"quick": quick, "python": sys.executable, "cwd": str(Path.cwd())}
+seen = {"profile": profile, "python": sys.executable, "cwd": str(Path.cwd())}
 (figures / "seen.json").write_text(json.dumps(seen))
 """
 PASSING = (RECORD_WHAT_THE_KERNEL_SEES, "print('hello from the notebook')")
@@ -37,14 +37,14 @@ def notebook_dir(tmp_path):
 def test_run_notebooks_executes_and_exports_html(notebook_dir, tmp_path):
     write_notebook(notebook_dir / "01_ok.ipynb", *PASSING)
     out = tmp_path / "reports"
-    runs = run_notebooks(notebook_dir, out, quick=True)
+    runs = run_notebooks(notebook_dir, out, profile="quick")
     assert runs.notebook.tolist() == ["01_ok.ipynb"] and runs.status.tolist() == ["ok"]
     assert "hello from the notebook" in (out / "01_ok.html").read_text()
     assert "hello from the notebook" in (out / "01_ok.ipynb").read_text()
     seen = json.loads((out / "figures" / "seen.json").read_text())
-    assert seen == {"quick": True, "python": sys.executable, "cwd": str(notebook_dir)}  # this interpreter's kernel
+    assert seen == {"profile": "quick", "python": sys.executable, "cwd": str(notebook_dir)}  # this interpreter's kernel
     record = json.loads((out / "notebooks.json").read_text())
-    assert record["parameters"]["quick"] is True and record["notebooks"][0]["status"] == "ok"
+    assert record["parameters"]["profile"] == "quick" and record["notebooks"][0]["status"] == "ok"
 
 
 def test_run_notebooks_fails_loudly_naming_the_failing_notebook(notebook_dir, tmp_path):
@@ -65,7 +65,7 @@ def test_run_notebooks_rejects_a_folder_without_notebooks(tmp_path):
 
 
 def test_cli_reproduce_passes_parameters_and_reports_failure(notebook_dir, tmp_path, capsys):
-    write_notebook(notebook_dir / "01_params.ipynb", "assert quick is True and steps == 3 and label == 'abc'")
+    write_notebook(notebook_dir / "01_params.ipynb", "assert profile == 'quick' and steps == 3 and label == 'abc'")
     out = tmp_path / "reports"
     argv = ["reproduce", "--quick", "--notebooks", str(notebook_dir), "--out", str(out), "-p", "steps=3",
             "-p", "label=abc"]
@@ -90,7 +90,7 @@ def test_cli_requires_a_command():
     assert "reproduce" in cli.build_parser().format_help()
 
 
-# -- `snapkv needle` / `snapkv tasks` read their defaults and quick overrides from the settings the notebooks use --
+# -- `snapkv needle` / `snapkv tasks` read their profiles' values from the settings the notebooks use --
 
 
 def needle_settings(*argv):
@@ -103,14 +103,17 @@ def test_cli_quality_settings_come_from_the_shared_settings():
     from snapkv.analysis.quality.methods import NeedleSettings, TaskSettings
     from snapkv.analysis.reporting.setup import resolve_settings
 
-    assert needle_settings() == NeedleSettings()
-    assert needle_settings("--quick") == resolve_settings(NeedleSettings, True)
+    assert needle_settings("--full") == NeedleSettings()  # paper scale: the dataclass's own defaults
+    assert needle_settings() == resolve_settings(NeedleSettings, "default") != NeedleSettings()
+    assert needle_settings("--quick") == resolve_settings(NeedleSettings, "quick")
+    with pytest.raises(SystemExit):  # one profile at a time
+        cli.build_parser().parse_args(["needle", "--quick", "--full"])
     quick = needle_settings("--quick", "--lengths", "300,400", "--ablation-budgets", "", "--seed", "3")
     assert quick.lengths == (300, 400) and quick.ablation_budgets == () and quick.seed == 3  # given wins
     assert quick.budgets == NeedleSettings.QUICK["budgets"]
     args = cli.build_parser().parse_args(["tasks", "--quick", "--threshold", "0"])
     tasks = cli._quality_settings(args, TaskSettings, threshold=cli._given_one(args.threshold, float, "threshold"))
-    assert tasks == resolve_settings(TaskSettings, True, threshold=0.0)
+    assert tasks == resolve_settings(TaskSettings, "quick", threshold=0.0)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -29,6 +29,8 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
+from snapkv.core.files import atomic_write_text
+
 MODULES = (
     "argparse", "ast", "calendar", "collections", "configparser", "contextlib", "csv", "dataclasses",
     "difflib", "dis", "email.message", "enum", "fractions", "ftplib", "functools", "gettext", "gzip",
@@ -178,9 +180,7 @@ def build_prompt_sets(tokenizer, out_dir="data") -> dict[str, Path]:
             raise RuntimeError(f"{name}: {len(records)} records with token lengths {lengths}, "
                                f"expected {MIN_TOKENS}-{MAX_TOKENS} each")
         path = out / f"{name}.jsonl"
-        partial = path.with_suffix(".jsonl.partial")
-        partial.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-        partial.replace(path)
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         paths[name] = path
     return paths
 

@@ -1,10 +1,12 @@
 """The engine: everything that touches a model.
 
 hook (the one attention function and the Tap base) -> selection (pure math: which positions a head keeps)
--> policies (SnapKV and baselines as frozen configs) -> cache (the compressed cache layer) -> compress
+-> policies (SnapKV and baselines as frozen configs; `ScoredPolicy`: a policy that is a score) -> registry (named
+methods) -> cache (the compressed cache layer) -> compress
 (`snapkv.compress`) and record (`snapkv.record`, saved as a `Trace`); pack (`snapkv.pack`: a context's cache to ask
 many questions of, saved as a `KVPack`); loading (`snapkv.load_model`) and compat
-(every call that depends on the transformers version).
+(every call that depends on the transformers version); environment (where a number came from; the weights
+fingerprint) and files (`atomic_path`: every file and folder the toolkit writes, written atomically).
 """
 
 from snapkv.core.compat import copy_cache
@@ -21,17 +23,20 @@ from snapkv.core.policies import (
     PrefillView,
     PyramidKV,
     RandomEviction,
+    ScoredPolicy,
     SnapKV,
     StreamingLLM,
     check_int,
 )
 from snapkv.core.record import Recorder, estimate_trace_bytes, record, record_teacher_forced
+from snapkv.core.registry import method_names, method_policy, register_method
 from snapkv.core.selection import observation_attention, select_positions
 from snapkv.core.trace import Trace
 
 __all__ = [
     "H2O", "AdaKV", "AttentionCall", "ChunkKV", "PyramidKV", "CompressionSession", "FullCache", "KVPack", "pack",
-    "Policy", "PrefillView", "RandomEviction", "Recorder", "SnapKV", "StreamingLLM", "Tap", "Trace", "attach",
-    "check_int", "compress", "copy_cache", "estimate_trace_bytes", "load_model", "observation_attention", "record",
-    "record_teacher_forced", "select_positions",
+    "Policy", "PrefillView", "RandomEviction", "Recorder", "ScoredPolicy", "SnapKV", "StreamingLLM", "Tap", "Trace",
+    "attach", "check_int", "compress", "copy_cache", "estimate_trace_bytes", "load_model", "method_names",
+    "method_policy", "observation_attention", "record", "record_teacher_forced", "register_method",
+    "select_positions",
 ]

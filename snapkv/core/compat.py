@@ -13,6 +13,7 @@ Nothing else in snapkv reads a private transformers attribute or knows which rel
 
 import copy
 import inspect
+import sys
 
 import torch
 
@@ -173,6 +174,26 @@ def attention_implementation(model) -> str | None:
 
 def set_attention_implementation(model, name: str) -> None:
     model.set_attn_implementation(name)
+
+
+def attention_function(module, kernel: str):
+    """The attention function `kernel` names for the attention `module`: the model file's own
+    `eager_attention_forward` for "eager", else the one registered with transformers' AttentionInterface."""
+    if kernel == "eager":
+        return sys.modules[type(module).__module__].eager_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS[kernel]
+
+
+def attention_modules(model) -> dict:
+    """{layer index: attention module} of a decoder (the modules transformers names `self_attn`)."""
+    return {module.layer_idx: module for name, module in model.named_modules() if name.endswith("self_attn")}
+
+
+def attention_input(args, kwargs) -> torch.Tensor:
+    """The hidden states (batch, q, hidden) an attention module's forward was called with."""
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
 
 def model_label(model) -> str | None:

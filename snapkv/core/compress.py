@@ -1,7 +1,8 @@
 """`snapkv.compress(model, policy)`: compress the prompt KV cache after prefill, per head.
 
 Timeline of one prompt, per layer (all inside the attention hook):
-  prefill              remember the last `window_size` queries (H2O: accumulate scores); when the whole
+  prefill              remember what the policy `observes` (the last `window_size` queries, the attention
+                       accumulated over every query, the attention module's input); when the whole
                        prompt comes in one forward, select the kept positions right after the layer's
                        prefill attention and put a CompressedLayer in the cache, so that only one layer's
                        full keys and values are alive at a time (the paper's prefill memory)
@@ -17,24 +18,33 @@ session saw of a prefill, so that many policies share one prefill (with `compat.
 """
 
 import contextlib
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from snapkv.core import compat
 from snapkv.core.cache import CompressedLayer, RaggedLayer, SlotArena
-from snapkv.core.hook import ACTIVE_TAPS, ATTN_IMPLEMENTATION, AttentionCall, Tap, check_left_padding
-from snapkv.core.policies import Policy, PrefillView, accumulate, check_int
+from snapkv.core.hook import (
+    ACTIVE_TAPS,
+    ATTN_IMPLEMENTATION,
+    AttentionCall,
+    Tap,
+    check_kernel,
+    check_left_padding,
+    using_kernel,
+)
+from snapkv.core.policies import FullCache, Policy, PrefillView, accumulate, check_int
 
 
 @dataclass
 class _LayerPrefill:
-    """What one layer saw of the current prompt so far."""
+    """What one layer saw of the current prompt so far (what the policy does not observe stays None; all None
+    once the layer is compressed)."""
 
-    query_window: torch.Tensor | None  # None once the layer is compressed
+    query_window: torch.Tensor | None
     padding_mask: torch.Tensor | None
     accumulated: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
     done: bool = False
 
 
@@ -75,6 +85,10 @@ class CompressionSession(Tap):
         self.policy = policy
         self.prefill_chunk_size = prefill_chunk_size
         self.observe_only = observe_only
+        self.observes = policy.observes  # what prefill records (`observer` widens it)
+        self.window = max(policy.window_size, 1)  # query rows kept when "query_window" is observed
+        self.observes_hidden_states = "hidden_states" in self.observes
+        self._hidden: dict[int, torch.Tensor] = {}  # a layer's attention input of this forward, until observed
         self.kept_positions: dict[int, torch.Tensor] = {}
         self._layers: dict[int, _LayerPrefill] = {}
         self._cache = None
@@ -83,6 +97,26 @@ class CompressionSession(Tap):
         self._arena = SlotArena()  # where the current prompt's compressed layers keep their tensors
         self.compressed_layers = full_attention_layers(model.config)  # the layers a policy may compress
 
+    @classmethod
+    def observer(cls, model, policies, prefill_chunk_size: int | None = None) -> "CompressionSession":
+        """A session that only observes prefill, for every policy of `policies`: the widest window and every
+        observation one of them asks for. `fork` each policy from it (many policies, one prefill)."""
+        session = cls(model, FullCache(), prefill_chunk_size, observe_only=True)
+        session.observes = frozenset().union(*(policy.observes for policy in policies))
+        session.window = max([max(policy.window_size, 1) for policy in policies] + [1])
+        session.observes_hidden_states = "hidden_states" in session.observes
+        return session
+
+    def compress_now(self, cache, calls: dict[int, AttentionCall]) -> None:
+        """Compress the prompt prefilled into `cache` now, as the session would at the next forward after
+        `compress_before_next_forward()`: `calls` {layer: its last prefill call, query emptied} is what a
+        forward of no new tokens would show the session (`snapkv.pack` keeps them)."""
+        self._cache, self._prompt_in_this_forward = cache, False
+        self.compress_before_next_forward()
+        for layer in sorted(calls):
+            self.before_attention(calls[layer])
+        self.after_forward(None, (), {}, None)
+
     def compress_before_next_forward(self) -> None:
         """Treat the prompt as complete: the next forward (of any length) runs on the compressed cache.
         Use it to append text after compression, e.g. a question the compression did not see."""
@@ -90,23 +124,26 @@ class CompressionSession(Tap):
 
     def fork(self, policy: Policy) -> "CompressionSession":
         """A session for `policy` that continues from what this one saw of the current prompt's prefill
-        (the last `policy.window_size` queries of every layer; the accumulated attention when `policy` needs
-        it), nothing compressed yet. Attach it with a `compat.copy_cache` of the prefilled cache: several
-        policies then decode from one prefill, each exactly as if it had prefilled the prompt itself."""
+        (what `policy.observes`: the last `policy.window_size` queries of every layer, the accumulated attention,
+        the attention inputs), nothing compressed yet. Attach it with a `compat.copy_cache` of the prefilled cache:
+        several policies then decode from one prefill, each exactly as if it had prefilled the prompt itself."""
         window = max(policy.window_size, 1)
         if not self._layers:
             raise RuntimeError("nothing to fork: this session has seen no prefill (run the prompt inside it first)")
-        if window > max(self.policy.window_size, 1):
-            raise ValueError(f"this session kept {self.policy.window_size} queries per layer but the policy needs "
+        missing = policy.observes - self.observes
+        if missing:
+            raise ValueError(f"{type(policy).__name__} observes {', '.join(sorted(missing))}, which this session did "
+                             f"not record: prefill under CompressionSession.observer(model, policies)")
+        if "query_window" in policy.observes and window > self.window:
+            raise ValueError(f"this session kept {self.window} queries per layer but the policy needs "
                              f"{window}: prefill under a session whose window_size is at least {window}")
-        if policy.needs_accumulated_attention and not self.policy.needs_accumulated_attention:
-            raise ValueError(f"{type(policy).__name__} needs the attention accumulated over the whole prefill, which "
-                             f"this session's {type(self.policy).__name__} did not keep: prefill under H2O")
         forked = CompressionSession(self.model, policy, self.prefill_chunk_size)
         for layer, state in self._layers.items():
-            forked._layers[layer] = dataclasses.replace(
-                state, query_window=state.query_window[..., -window:, :],
-                accumulated=state.accumulated if policy.needs_accumulated_attention else None, done=False)
+            forked._layers[layer] = _LayerPrefill(
+                query_window=state.query_window[..., -window:, :] if "query_window" in policy.observes else None,
+                padding_mask=state.padding_mask,
+                accumulated=state.accumulated if "accumulated_attention" in policy.observes else None,
+                hidden_states=state.hidden_states if "hidden_states" in policy.observes else None)
         return forked
 
     # -- model forward hooks ------------------------------------------------------------------
@@ -133,6 +170,9 @@ class CompressionSession(Tap):
         self._force_compress = False
         self._prompt_in_this_forward = False
 
+    def before_attention_module(self, layer: int, hidden_states: torch.Tensor) -> None:
+        self._hidden[layer] = hidden_states
+
     def after_attention(self, call: AttentionCall) -> None:
         state = self._layers.get(call.layer)
         if (self._prompt_in_this_forward and not self.observe_only and state is not None and not state.done
@@ -141,7 +181,7 @@ class CompressionSession(Tap):
 
     # -- attention hook --------------------------------------------------------------------------
     def before_attention(self, call: AttentionCall) -> AttentionCall:
-        if call.sliding or self.policy.budget(call.layer) is None:
+        if call.sliding or (self.policy.budget(call.layer) is None and not self.observe_only):
             return call
         layer_cache = self._cache.layers[call.layer] if self._cache is not None else None
         if isinstance(layer_cache, CompressedLayer) and call.past_length > 0:
@@ -163,15 +203,17 @@ class CompressionSession(Tap):
 
     def _observe(self, call: AttentionCall, state: _LayerPrefill | None) -> _LayerPrefill:
         padding = call.padding_mask()
-        accumulated = None
-        if self.policy.needs_accumulated_attention:
+        query_window = accumulated = hidden_states = None
+        if "query_window" in self.observes:
+            query_window = append_window(state.query_window if state else None, call.query, self.window)
+        if "accumulated_attention" in self.observes:
             accumulated = accumulate(state.accumulated if state else None, call.query, call.key,
                                      call.scaling, padding)
-        window = max(self.policy.window_size, 1)
-        return _LayerPrefill(
-            query_window=append_window(state.query_window if state else None, call.query, window),
-            padding_mask=padding, accumulated=accumulated,
-        )
+        if "hidden_states" in self.observes:
+            new = self._hidden.pop(call.layer)
+            hidden_states = new if state is None else torch.cat([state.hidden_states, new], dim=1)
+        return _LayerPrefill(query_window=query_window, padding_mask=padding, accumulated=accumulated,
+                             hidden_states=hidden_states)
 
     def _compress(self, call: AttentionCall, state: _LayerPrefill, n: int) -> AttentionCall:
         """Select the kept positions of the layer's first `n` slots (the prompt) and put the compressed layer in
@@ -186,10 +228,13 @@ class CompressionSession(Tap):
         if padding is not None:
             padding = padding[:, :n]
             padding = None if bool(padding.all()) else padding
-        view = PrefillView(query_window=state.query_window, keys=call.key[:, :, :n], padding_mask=padding,
-                           scaling=call.scaling, accumulated=state.accumulated)
+        hidden_states = None if state.hidden_states is None else state.hidden_states[:, :n]
+        view = PrefillView(keys=call.key[:, :, :n], padding_mask=padding, scaling=call.scaling,
+                           query_window=state.query_window, accumulated=state.accumulated,
+                           values=call.value[:, :, :n], hidden_states=hidden_states, module=call.module)
         positions = self.policy.kept_positions(view, budget)
-        state.query_window = state.accumulated = None  # done with: freed, not left among the heap's holes
+        # done with: freed, not left among the heap's holes
+        state.query_window = state.accumulated = state.hidden_states = None
         self.kept_positions[call.layer] = _prompt_positions(positions, padding)  # outlives the cache: not in the arena
         if n <= budget(n):
             return call  # the budget covers the prompt: keep the cache as it is
@@ -235,9 +280,19 @@ def _check_attention_seen(tap: Tap) -> None:
         )
 
 
+def _attention_input_hook(tap: Tap, layer: int):
+    """A forward pre-hook of layer `layer`'s attention module that shows its input to `tap`."""
+
+    def hook(module, args, kwargs):
+        tap.before_attention_module(layer, compat.attention_input(args, kwargs))
+
+    return hook
+
+
 @contextlib.contextmanager
 def attach(model, tap: Tap, *, prefill_chunk_size: int | None = None):
-    """Route `model`'s attention through the snapkv hook while `tap` is active.
+    """Route `model`'s attention through the snapkv hook while `tap` is active; the hook runs the kernel the
+    model was loaded with ("sdpa" or "eager": `hook.KERNELS`; any other raises a ValueError).
 
     prefill_chunk_size: prompts that `generate` prefills run in chunks of this many tokens
     (`compat.chunked_prefill_hook`), before any tap sees the forward.
@@ -251,9 +306,12 @@ def attach(model, tap: Tap, *, prefill_chunk_size: int | None = None):
                 "policy (snapkv.record may still wrap or sit inside a compress block)"
             )
     previous_impl = compat.attention_implementation(model)
-    if previous_impl != ATTN_IMPLEMENTATION:
-        compat.set_attention_implementation(model, ATTN_IMPLEMENTATION)
+    hooked = previous_impl == ATTN_IMPLEMENTATION  # an enclosing block already routes the model through the hook
+    kernel = contextlib.nullcontext() if hooked else using_kernel(model, check_kernel(previous_impl))
     handles = []
+    if tap.observes_hidden_states:
+        for layer, module in compat.attention_modules(model).items():
+            handles.append(module.register_forward_pre_hook(_attention_input_hook(tap, layer), with_kwargs=True))
     if prefill_chunk_size is not None:
         chunker = compat.chunked_prefill_hook(prefill_chunk_size)
         handles.append(model.register_forward_pre_hook(chunker, with_kwargs=True, prepend=True))
@@ -263,12 +321,15 @@ def attach(model, tap: Tap, *, prefill_chunk_size: int | None = None):
     handles.append(model.register_forward_hook(lambda *_: _check_attention_seen(tap)))
     token = ACTIVE_TAPS.set(ACTIVE_TAPS.get() + (tap,))
     try:
-        yield tap
+        with kernel:
+            if not hooked:
+                compat.set_attention_implementation(model, ATTN_IMPLEMENTATION)
+            yield tap
     finally:
         ACTIVE_TAPS.reset(token)
         for handle in handles:
             handle.remove()
-        if previous_impl != ATTN_IMPLEMENTATION:
+        if not hooked:
             compat.set_attention_implementation(model, previous_impl)
 
 

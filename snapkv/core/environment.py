@@ -1,10 +1,12 @@
 """The one record of where a number came from: model, versions, machine and date.
 
 `environment(model, **extras)` is stored next to every result (figure JSONs, traces, benchmark JSONs);
-`machine_description` and `package_versions` are its parts, which the notebook run record also shows.
+`machine_description` and `package_versions` are its parts, which the notebook run record also shows;
+`weights_fingerprint` tells one model's weights from another's (KV packs, the quality checkpoints, calibration).
 """
 
 import datetime
+import hashlib
 import os
 import platform
 from importlib import metadata
@@ -51,6 +53,23 @@ def model_description(model) -> dict:
         "dtype": str(parameter.dtype).removeprefix("torch.") if parameter is not None else None,
         "device": str(parameter.device) if parameter is not None else None,
     }
+
+
+FINGERPRINT_SAMPLES = 1024  # values read per parameter tensor by `weights_fingerprint`
+
+
+def weights_fingerprint(model, samples: int = FINGERPRINT_SAMPLES) -> str:
+    """sha256 of every parameter's name, shape and `samples` of its values, evenly spaced: it tells two
+    checkpoints (another training run, a fine-tune, another seed) apart without reading all their weights. The
+    one identity of a model's weights: KV packs store it, and the quality checkpoints' and calibration cache's
+    key (`quality.runner.model_fingerprint`) hashes it with the config and tokenizer."""
+    digest = hashlib.sha256()
+    for name, parameter in model.named_parameters():
+        flat = parameter.detach().reshape(-1)
+        step = max(1, flat.numel() // samples)
+        digest.update(f"{name}{tuple(parameter.shape)}".encode())
+        digest.update(flat[::step][:samples].float().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def machine_description() -> dict:

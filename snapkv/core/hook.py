@@ -1,22 +1,35 @@
 """The one integration point: an attention function registered with transformers' AttentionInterface.
 
-It runs the stock SDPA kernel and shows every call to the active taps (compression, recording),
-held in a ContextVar. A tap (`Tap`) may swap the keys/values/mask before the kernel (the compressor does
-on decoding steps) and reads the call after it (the compressor compresses a layer there when the whole
-prompt came in one forward).
+It wraps the kernel the model was loaded with and shows every call to the active taps (compression,
+recording), held in a ContextVar. A tap (`Tap`) may swap the keys/values/mask before the kernel (the
+compressor does on decoding steps) and reads the call after it (the compressor compresses a layer there when
+the whole prompt came in one forward).
+
+Kernels (`KERNELS`): "sdpa" and "eager" (the model file's own eager function, e.g. Gemma 3's soft-capping
+one). `attach` remembers the model's kernel while the hook is in place (`using_kernel`), and the hook runs
+exactly that kernel, so `compress` and `record` keep the user's choice. Taps see one mask format whatever the
+kernel (SDPA's: None for plain causal, else bool, True = visible); the hook turns it into the additive float
+mask an eager kernel adds. Any other implementation (flash attention, flex attention, a custom function)
+raises a ValueError when a block is entered, naming the kernels to load the model with instead: their masks
+cannot express a compressed cache's per-head slots.
 """
 
+import contextlib
 import contextvars
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from snapkv.core import compat
+
 ATTN_IMPLEMENTATION = "snapkv"
+KERNELS = ("sdpa", "eager")  # the attention implementations the hook wraps
 ACTIVE_TAPS: contextvars.ContextVar[tuple] = contextvars.ContextVar("snapkv_taps", default=())
+# (id of a hooked model's text config, the kernel it was loaded with): its attention modules hold that config
+MODEL_KERNELS: contextvars.ContextVar[tuple] = contextvars.ContextVar("snapkv_kernels", default=())
 
 
 @dataclass(frozen=True)
@@ -79,9 +92,13 @@ class Tap:
     user = "snapkv"  # who attached the tap, and what it would have done: named in the error above
     effect = "nothing was done"
     attention_calls = 0
+    observes_hidden_states = False  # `attach` then calls before_attention_module with each layer's input
 
     def before_forward(self, module, args, kwargs) -> None:
         pass
+
+    def before_attention_module(self, layer: int, hidden_states: torch.Tensor) -> None:
+        """The attention module of `layer` is about to run on `hidden_states` (batch, q, hidden)."""
 
     def after_forward(self, module, args, kwargs, output) -> None:
         pass
@@ -100,11 +117,51 @@ def check_left_padding(mask, user: str) -> None:
                          "(tokenizer.padding_side = 'left')")
 
 
+def check_kernel(name: str | None) -> str:
+    """`name` when the hook can wrap that attention implementation; else a ValueError naming the fix."""
+    if name not in KERNELS:
+        raise ValueError(f"snapkv wraps the {' and '.join(map(repr, KERNELS))} attention kernels, but the model runs "
+                         f"{name!r}: load it with attn_implementation=\"sdpa\" (or \"eager\"), or call "
+                         "model.set_attn_implementation(\"sdpa\")")
+    return name
+
+
+@contextlib.contextmanager
+def using_kernel(model, kernel: str):
+    """While the block runs, the hook runs `kernel` ("sdpa" or "eager") for `model`'s attention modules."""
+    token = MODEL_KERNELS.set(MODEL_KERNELS.get() + ((id(model.config.get_text_config()), check_kernel(kernel)),))
+    try:
+        yield
+    finally:
+        MODEL_KERNELS.reset(token)
+
+
+def eager_mask(mask: torch.Tensor | None, query_length: int, slots: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """What an eager kernel adds to its logits, (batch or 1, heads or 1, q, slots) float, from what SDPA is given:
+    None (causal, the last query sees every slot) or bool (True = visible)."""
+    if mask is None:
+        causal = torch.ones(query_length, slots, dtype=torch.bool, device=device).tril(slots - query_length)
+        mask = causal[None, None]
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, torch.finfo(dtype).min)
+
+
+def run_kernel(kernel: str, module, query, key, value, mask, dropout, scaling, *, kernel_module=None, **kwargs):
+    """One attention call of `module` on `kernel`, given `kernel_module` (default: `module`) as its module;
+    dropout and scaling by keyword (model files order them differently)."""
+    if kernel == "eager":
+        mask = eager_mask(mask, query.shape[-2], key.shape[-2], query.dtype, query.device)
+    attention = compat.attention_function(module, kernel)
+    return attention(kernel_module or module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
 def snapkv_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers' attention signature: another library's wrapper may pass dropout and scaling by position."""
+    kernel = dict(MODEL_KERNELS.get()).get(id(module.config), "sdpa")
     taps = ACTIVE_TAPS.get()
     if not taps:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+        return run_kernel(kernel, module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     sliding = bool(kwargs.get("sliding_window") or getattr(module, "sliding_window", None))
     call = AttentionCall(
         module=module, layer=module.layer_idx, query=query, key=key, value=value, mask=attention_mask,
@@ -114,12 +171,13 @@ def snapkv_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         tap.attention_calls += 1
     for tap in taps:
         call = tap.before_attention(call)
-    kernel_module = module
+    kernel_module = None
     if call.key.shape[1] == query.shape[1] and getattr(module, "num_key_value_groups", 1) > 1:
         # gqa="expand": the cache already holds one head per query head
-        kernel_module = SimpleNamespace(num_key_value_groups=1, is_causal=getattr(module, "is_causal", True))
-    out, weights = sdpa_attention_forward(kernel_module, query, call.key, call.value, call.mask, dropout,
-                                          scaling, **kwargs)
+        kernel_module = SimpleNamespace(num_key_value_groups=1, is_causal=getattr(module, "is_causal", True),
+                                        training=module.training, head_dim=query.shape[-1])
+    out, weights = run_kernel(kernel, module, query, call.key, call.value, call.mask, dropout, scaling,
+                              kernel_module=kernel_module, **kwargs)
     for tap in taps:
         tap.after_attention(call)
     return out, weights

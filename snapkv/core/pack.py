@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from snapkv.core import compat
 from snapkv.core.cache import CompressedLayer
 from snapkv.core.compress import attach, compress
-from snapkv.core.environment import environment
+from snapkv.core.environment import environment, weights_fingerprint
 from snapkv.core.hook import AttentionCall, Tap, check_left_padding
 from snapkv.core.policies import FullCache, Policy, check_int
 from snapkv.core.trace import METADATA_FILE, TENSORS_FILE, write_folder
@@ -44,22 +44,9 @@ KIND = "snapkv.KVPack"
 ARCHITECTURE_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                        "num_key_value_heads", "head_dim", "max_position_embeddings", "rope_theta", "rope_parameters",
                        "rope_scaling", "sliding_window", "layer_types")
-FINGERPRINT_SAMPLES = 1024  # values read per parameter tensor
 
 
 # -- identity of what made a pack -----------------------------------------------------------------------------
-def weights_fingerprint(model, samples: int = FINGERPRINT_SAMPLES) -> str:
-    """sha256 of every parameter's name, shape and `samples` of its values, evenly spaced: it tells two
-    checkpoints (another training run, a fine-tune, another seed) apart without reading all their weights."""
-    digest = hashlib.sha256()
-    for name, parameter in model.named_parameters():
-        flat = parameter.detach().reshape(-1)
-        step = max(1, flat.numel() // samples)
-        digest.update(f"{name}{tuple(parameter.shape)}".encode())
-        digest.update(flat[::step][:samples].float().cpu().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def _json_safe(value):
     return json.loads(json.dumps(value, default=str))
 
@@ -181,16 +168,6 @@ class _LastCalls(Tap):
                                               past_length=call.key.shape[-2])
 
 
-def _compress_now(session, cache, calls: dict[int, AttentionCall]) -> None:
-    """Compress the prefilled `cache` now, as `session` would at the next forward after
-    `compress_before_next_forward()`: show it a forward of no new tokens (each layer's last call, query emptied)."""
-    session.before_forward(None, (), {"cache": cache})
-    session.compress_before_next_forward()
-    for layer in sorted(calls):
-        session.before_attention(calls[layer])
-    session.after_forward(None, (), {}, None)
-
-
 def _check_ids(name: str, ids, *, one_row: bool = False) -> torch.Tensor:
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"{name} must be a LongTensor (batch, tokens), got {type(ids).__name__}")
@@ -239,7 +216,7 @@ def pack(model, context_ids: torch.Tensor, policy: Policy | None = None, *, toke
             last = _LastCalls()
             with compress(model, policy, prefill_chunk_size=prefill_chunk_size) as session, attach(model, last):
                 compat.prefill(model, context_ids, cache, chunk_size=prefill_chunk_size)
-            _compress_now(session, cache, last.calls)
+            session.compress_now(cache, last.calls)
     metadata = {
         "format_version": FORMAT_VERSION,
         "kind": KIND,

@@ -24,7 +24,7 @@ from snapkv.core import compat
 from snapkv.core.compress import CompressionSession, append_window, attach
 from snapkv.core.environment import environment
 from snapkv.core.hook import ACTIVE_TAPS, AttentionCall, Tap, check_left_padding
-from snapkv.core.policies import check_int
+from snapkv.core.policies import SnapKV, check_int
 from snapkv.core.selection import observation_attention
 from snapkv.core.trace import FORMAT_VERSION, REDUCERS, Trace
 
@@ -232,9 +232,9 @@ class Recorder(Tap):
 
     user, effect = "snapkv.record", "nothing was recorded"
 
-    def __init__(self, model, *, window_size: int = 32, generation: bool = True, max_bytes: int = 4 * 2**30,
-                 reducer: str = "raw", reduce_window: int = 128, top_k: int = 32, max_new_tokens: int | None = None,
-                 tokenizer=None, teacher_forced_prompt_length: int | None = None,
+    def __init__(self, model, *, window_size: int = SnapKV.window_size, generation: bool = True,
+                 max_bytes: int = 4 * 2**30, reducer: str = "raw", reduce_window: int = 128, top_k: int = 32,
+                 max_new_tokens: int | None = None, tokenizer=None, teacher_forced_prompt_length: int | None = None,
                  prefix_ids: torch.Tensor | None = None):
         _check_settings(window_size=window_size, generation=generation, max_bytes=max_bytes, reducer=reducer,
                         reduce_window=reduce_window, top_k=top_k, max_new_tokens=max_new_tokens)
@@ -585,9 +585,9 @@ def _check_settings(*, window_size, generation, max_bytes, reducer, reduce_windo
 
 # -- public entry points -----------------------------------------------------------------------------
 @contextlib.contextmanager
-def record(model, window_size: int = 32, generation: bool = True, max_bytes: int = 4 * 2**30, reducer: str = "raw",
-           *, reduce_window: int = 128, top_k: int = 32, max_new_tokens: int | None = None, tokenizer=None,
-           prefill_chunk_size: int | None = None):
+def record(model, window_size: int = SnapKV.window_size, generation: bool = True, max_bytes: int = 4 * 2**30,
+           reducer: str = "raw", *, reduce_window: int = 128, top_k: int = 32, max_new_tokens: int | None = None,
+           tokenizer=None, prefill_chunk_size: int | None = None):
     """Record what every attention head looks at while the block runs (`generate` or forward calls).
 
     window_size: observation window (last prompt tokens) whose attention over the prompt is kept.
@@ -615,10 +615,10 @@ def record(model, window_size: int = 32, generation: bool = True, max_bytes: int
         recorder.finish()
 
 
-def record_teacher_forced(model, prompt_ids, response_ids, window_size: int = 32, *, attention_mask=None,
-                          generation: bool = True, max_bytes: int = 4 * 2**30, reducer: str = "raw",
-                          reduce_window: int = 128, top_k: int = 32, tokenizer=None, block_size: int = 64,
-                          cache=None) -> Trace:
+def record_teacher_forced(model, prompt_ids, response_ids, window_size: int = SnapKV.window_size, *,
+                          attention_mask=None, generation: bool = True, max_bytes: int = 4 * 2**30,
+                          reducer: str = "raw", reduce_window: int = 128, top_k: int = 32, tokenizer=None,
+                          block_size: int = 64, cache=None) -> Trace:
     """One forward over prompt + response; the response tokens' rows are recorded as if generated.
 
     prompt_ids (batch, P) or (P,), left-padded with `attention_mask` (batch, P); response_ids (batch, R) or

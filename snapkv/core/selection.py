@@ -233,23 +233,22 @@ def adaptive_positions(scores: torch.Tensor, k: int, tail: int, alpha_safeguard:
 
 def chunk_positions(scores: torch.Tensor, k: int, tail: int, chunk_size: int) -> torch.Tensor:
     """ChunkKV: whole chunks of `chunk_size` consecutive prefix positions, ranked by their score summed over
-    the chunk and every head; the same positions for every head. The lowest-ranked chunk that fits only in
-    part keeps its best-scoring positions, so exactly k prefix positions are kept.
+    the chunk. The lowest-ranked chunk that fits only in part keeps its best-scoring positions, so exactly k
+    prefix positions are kept.
 
-    scores: (batch, heads, n - tail). Returns long (batch, heads, k + tail), ascending.
+    scores: (batch, n - tail), one row for every head. Returns long (batch, k + tail), ascending.
     """
-    b, h, prefix = scores.shape
-    summed = scores.sum(dim=1)  # (batch, prefix)
+    b, prefix = scores.shape
     chunk = torch.arange(prefix, device=scores.device) // chunk_size
-    chunk_scores = torch.zeros(b, int(chunk[-1]) + 1, device=scores.device).index_add_(1, chunk, summed)
+    chunk_scores = torch.zeros(b, int(chunk[-1]) + 1, device=scores.device).index_add_(1, chunk, scores)
     rank = torch.empty_like(chunk_scores, dtype=torch.long).scatter_(
         1, chunk_scores.argsort(dim=-1, descending=True, stable=True),
         torch.arange(chunk_scores.shape[1], device=scores.device).expand(b, -1))
-    order = summed.argsort(dim=-1, descending=True, stable=True)  # positions by their own score ...
+    order = scores.argsort(dim=-1, descending=True, stable=True)  # positions by their own score ...
     order = order.gather(1, rank.gather(1, chunk[order]).argsort(dim=-1, stable=True))  # ... within chunk rank
     top = order[:, :k].sort(dim=-1).values
     window = torch.arange(prefix, prefix + tail, device=scores.device).expand(b, tail)
-    return torch.cat([top, window], dim=-1)[:, None].expand(b, h, k + tail)
+    return torch.cat([top, window], dim=-1)
 
 
 def pyramid_budgets(budget: int, window_size: int, prompt_length: int, layers: int, beta: int) -> list[int]:

@@ -10,14 +10,13 @@ versions). `Trace.load(folder)` needs no model.
 """
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from snapkv.core.files import atomic_path
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "tensors.safetensors"
@@ -245,21 +244,8 @@ def write_folder(path, tensors: dict[str, torch.Tensor], metadata: dict, format_
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists: pass overwrite=True or choose another folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_path(path, folder=True) as staging:
         cpu = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
         save_file(cpu, str(staging / TENSORS_FILE), metadata={"format_version": str(format_version)})
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=1) + "\n", encoding="utf-8")
-        staging.chmod(0o755)  # mkdtemp makes it owner-only
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(staging, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, path)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return path

@@ -305,7 +305,7 @@ def test_fork_starts_a_policy_from_a_shared_prefill(model):
     assert all(layer.keys.shape[-2] == PROMPT for layer, sliding in zip(cache.layers, cache.is_sliding) if not sliding)
     with pytest.raises(ValueError, match="kept 8 queries per layer but the policy needs 16"):
         observer.fork(snapkv.SnapKV(window_size=16, max_capacity_prompt=24))
-    with pytest.raises(ValueError, match="prefill under H2O"):
+    with pytest.raises(ValueError, match="accumulated_attention, which this session did not record"):
         observer.fork(snapkv.H2O(window_size=8, max_capacity_prompt=24))
     with pytest.raises(RuntimeError, match="nothing to fork"):
         snapkv.core.CompressionSession(model, SNAP).fork(SNAP)

@@ -222,6 +222,13 @@ def test_load_into_another_architecture_names_the_differing_config(saved):
         snapkv.KVPack.load(saved, tiny_model("qwen3"))
 
 
+def test_a_pack_stores_the_one_weights_fingerprint(saved, llama):
+    from snapkv.core.environment import weights_fingerprint
+
+    metadata = json.loads((saved / trace_module.METADATA_FILE).read_text())
+    assert metadata["model"]["weights_fingerprint"] == weights_fingerprint(llama)
+
+
 def test_load_into_other_weights_of_the_same_architecture_is_refused(saved):
     with pytest.raises(ValueError, match="same architecture but other weights"):
         snapkv.KVPack.load(saved, tiny_model("llama", seed=1))

@@ -8,11 +8,12 @@ from snapkv.analysis.explorer.figures import (
     static_figure,
 )
 from snapkv.analysis.explorer.tables import (
-    EXPLORER_METHODS,
+    RECORDED,
     cache_head_of,
     default_budget,
     default_gqa,
     default_layer,
+    explorer_methods,
     generation_rows,
     generation_rows_or_none,
     generation_table,
@@ -28,7 +29,7 @@ from snapkv.analysis.explorer.tables import (
 
 __all__ = [
     "load_tokenizer", "token_labels", "kv_heads_of", "window_votes", "kept_positions", "kept_mask", "default_gqa",
-    "EXPLORER_METHODS",
+    "RECORDED", "explorer_methods",
     "cache_head_of", "generation_rows", "head_table", "generation_table", "kept_attention_table",
     "generation_rows_or_none", "default_layer", "default_budget", "MAX_HOVER_CELLS", "explorer_figure",
     "static_figure", "kept_attention_figure",

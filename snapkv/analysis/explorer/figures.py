@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 
 from snapkv.analysis.explorer.tables import generation_rows_or_none, generation_table, head_table, token_labels
+from snapkv.core.policies import SnapKV
 from snapkv.core.trace import Trace
 
 MAX_HOVER_CELLS = 400_000  # heatmap cells that get a token in their hover text
@@ -44,8 +45,8 @@ def _panels(trace: Trace, layer: int, head: int, *, row: int, **settings):
 
 
 def explorer_figure(trace: Trace, layer: int, head: int, *, budget: int, window_size: int | None = None,
-                    kernel_size: int = 7, pooling: str = "maxpool", method: str = "snapkv", gqa: str | None = None,
-                    kv_heads: int | None = None,
+                    kernel_size: int = SnapKV.kernel_size, pooling: str = SnapKV.pooling, method: str = "snapkv",
+                    gqa: str | None = None, kv_heads: int | None = None,
                     tokenizer=None, row: int = 0):
     """Plotly figure, x = prompt position in three aligned panels: the window's votes (pooled score) with the
     kept positions marked; each generated row's attention (heatmap); generation's mean attention with the kept
@@ -108,8 +109,8 @@ def explorer_figure(trace: Trace, layer: int, head: int, *, budget: int, window_
 
 
 def static_figure(trace: Trace, layer: int, head: int, *, budget: int, window_size: int | None = None,
-                  kernel_size: int = 7, pooling: str = "maxpool", method: str = "snapkv", gqa: str | None = None,
-                  kv_heads: int | None = None,
+                  kernel_size: int = SnapKV.kernel_size, pooling: str = SnapKV.pooling, method: str = "snapkv",
+                  gqa: str | None = None, kv_heads: int | None = None,
                   tokenizer=None, row: int = 0):
     """The same three panels as `explorer_figure`, in matplotlib/seaborn (for PNG and headless runs)."""
     import matplotlib.pyplot as plt

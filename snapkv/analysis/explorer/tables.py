@@ -5,12 +5,15 @@ Pure functions of a `Trace` (loaded with `Trace.load`, no model needed): DataFra
 (plotly for the interactive view, matplotlib for the static one). `notebooks/09_explorer.ipynb` wires
 them to widgets. Kept positions are recomputed from the trace's observation attention with the engine's
 own functions (the policy's `select_from_votes`: pooling, GQA aggregation, its choice + window), so they
-are what `snapkv.SnapKV(window_size, budget, kernel_size, pooling, gqa)` (or AdaKV, PyramidKV, ChunkKV with
-the same settings) keeps for that prompt.
+are what `snapkv.SnapKV(window_size, budget, kernel_size, pooling, gqa)` (or any registered method that scores
+with the window's votes: AdaKV, PyramidKV, ChunkKV, ... with the same settings) keeps for that prompt. A method
+that scores with what a trace does not hold (keys, values, hidden states) is shown as "recorded": the positions
+the engine kept when the trace was recorded under `snapkv.compress(model, policy)`.
 
 Positions are the row's own prompt positions (left padding cut away, `Trace(..., row=)` getters).
 """
 
+import dataclasses
 import math
 import re
 
@@ -18,11 +21,20 @@ import numpy as np
 import pandas as pd
 import torch
 
-from snapkv.core.policies import AdaKV, ChunkKV, PyramidKV, SnapKV, check_int
+from snapkv.core.policies import SnapKV, check_int
+from snapkv.core.registry import method_names, method_policy
 from snapkv.core.selection import GQA_MODES, POOLINGS, aggregate_gqa, pool_scores
 from snapkv.core.trace import Trace
 
-EXPLORER_METHODS = {"snapkv": SnapKV, "adakv": AdaKV, "pyramidkv": PyramidKV, "chunkkv": ChunkKV}
+RECORDED = "recorded"  # the positions the engine kept when the trace was recorded under compression
+
+
+def explorer_methods(trace: Trace | None = None) -> list[str]:
+    """The methods the explorer can show: every registered method that scores with the window's votes (what a
+    trace holds), then "recorded" when `trace` was recorded under compression."""
+    voting = [name for name in method_names() if isinstance(method_policy(name, SnapKV.max_capacity_prompt), SnapKV)]
+    compressed = trace is not None and bool(trace.metadata.get("compressed_layers"))
+    return voting + [RECORDED] * compressed
 
 
 # -- tokens ----------------------------------------------------------------------------------------
@@ -126,23 +138,30 @@ def window_votes(trace: Trace, layer: int, *, window_size: int | None = None, ro
     return observation[:, -window:, : n - window].sum(dim=1)
 
 
-def kept_positions(trace: Trace, layer: int, *, budget: int, window_size: int | None = None, kernel_size: int = 7,
-                   pooling: str = "maxpool", method: str = "snapkv", gqa: str | None = None,
-                   kv_heads: int | None = None, row: int = 0) -> torch.Tensor:
-    """Prompt positions `method` (snapkv, adakv, pyramidkv or chunkkv: `EXPLORER_METHODS`) keeps per cache head
-    under `budget` (window included; PyramidKV: its budget for this layer), ascending.
+def kept_positions(trace: Trace, layer: int, *, budget: int, window_size: int | None = None,
+                   kernel_size: int = SnapKV.kernel_size, pooling: str = SnapKV.pooling, method: str = "snapkv",
+                   gqa: str | None = None, kv_heads: int | None = None, row: int = 0) -> torch.Tensor:
+    """Prompt positions `method` (a registered method that votes with the window: `explorer_methods()`; its
+    pooling and gqa replaced by these) keeps per cache head under `budget` (window included; PyramidKV: its budget
+    for this layer), ascending; "recorded": what the engine kept when the trace was recorded.
 
     long (cache_heads, kept); cache_heads = query heads for gqa="expand", else kv_heads. AdaKV's heads keep
     different numbers: their shorter rows start with -1. The policy's own `select_from_votes` on the trace's
     recorded window attention, so it is what the engine keeps for that prompt.
     """
-    if method not in EXPLORER_METHODS:
-        raise ValueError(f"method must be one of {', '.join(EXPLORER_METHODS)}, got {method!r}")
+    known = explorer_methods(trace)
+    if method not in known:
+        raise ValueError(f"method must be one of {', '.join(known)}, got {method!r} (a method that scores with "
+                         "more than the window's votes shows as 'recorded' in a trace recorded under it)")
+    if method == RECORDED:
+        kept = trace.kept_positions(layer, row=row)
+        n = trace.observation_attention(layer, row=row).shape[-1]
+        return torch.arange(n).expand(trace.metadata["num_attention_heads"], n).clone() if kept is None else kept
     window_size, kv_heads, gqa = _selection(trace, layer, budget, window_size, kernel_size, pooling, gqa, kv_heads)
     if method == "chunkkv" and gqa == "expand":
         gqa = "mean"  # ChunkKV keeps the same chunks for every head
-    policy = EXPLORER_METHODS[method](window_size=window_size, max_capacity_prompt=budget, kernel_size=kernel_size,
-                                      pooling=pooling, gqa=gqa)
+    policy = dataclasses.replace(method_policy(method, budget, window_size=window_size, kernel_size=kernel_size),
+                                 pooling=pooling, gqa=gqa)
     votes = window_votes(trace, layer, window_size=window_size, row=row)
     heads, prefix = votes.shape
     n = prefix + window_size
@@ -195,8 +214,8 @@ def generation_rows(trace: Trace, layer: int, row: int = 0) -> tuple[torch.Tenso
 
 # -- tables ----------------------------------------------------------------------------------------
 def head_table(trace: Trace, layer: int, head: int, *, budget: int, window_size: int | None = None,
-               kernel_size: int = 7, pooling: str = "maxpool", method: str = "snapkv", gqa: str | None = None,
-               kv_heads: int | None = None,
+               kernel_size: int = SnapKV.kernel_size, pooling: str = SnapKV.pooling, method: str = "snapkv",
+               gqa: str | None = None, kv_heads: int | None = None,
                tokenizer=None, row: int = 0) -> pd.DataFrame:
     """One row per prompt position for one query head: token, vote (window's summed attention), score
     (pooled, GQA-aggregated: what top-k ranks), kept (under the budget), in_window, and generation's mean
@@ -227,8 +246,9 @@ def head_table(trace: Trace, layer: int, head: int, *, budget: int, window_size:
 
 
 def generation_table(trace: Trace, layer: int, head: int, *, budget: int, window_size: int | None = None,
-                     kernel_size: int = 7, pooling: str = "maxpool", method: str = "snapkv", gqa: str | None = None,
-                     kv_heads: int | None = None, tokenizer=None, row: int = 0, sink_size: int = 4) -> pd.DataFrame:
+                     kernel_size: int = SnapKV.kernel_size, pooling: str = SnapKV.pooling, method: str = "snapkv",
+                     gqa: str | None = None, kv_heads: int | None = None, tokenizer=None, row: int = 0,
+                     sink_size: int = 4) -> pd.DataFrame:
     """One row per generated row for one query head: its token, attention mass on the prompt, the share of
     that mass on the kept positions (`kept_share`), the same share leaving out the first `sink_size` positions
     (`kept_share_after_sink`: attention sinks take much of the mass and are easy to keep), and whether its most
@@ -258,9 +278,10 @@ def generation_table(trace: Trace, layer: int, head: int, *, budget: int, window
     })
 
 
-def kept_attention_table(trace: Trace, *, budget: int, window_size: int | None = None, kernel_size: int = 7,
-                         pooling: str = "maxpool", method: str = "snapkv", gqa: str | None = None,
-                         kv_heads: int | None = None, row: int = 0, sink_size: int = 4) -> pd.DataFrame:
+def kept_attention_table(trace: Trace, *, budget: int, window_size: int | None = None,
+                         kernel_size: int = SnapKV.kernel_size, pooling: str = SnapKV.pooling, method: str = "snapkv",
+                         gqa: str | None = None, kv_heads: int | None = None, row: int = 0,
+                         sink_size: int = 4) -> pd.DataFrame:
     """Per layer and query head: the mean share of generation's prompt attention that falls on the positions
     `method` keeps under `budget` (`kept_share`; `kept_share_after_sink` leaves out the first `sink_size`
     positions), to find the heads worth a closer look."""

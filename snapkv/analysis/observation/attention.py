@@ -11,6 +11,7 @@ import itertools
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from snapkv.analysis.observation.metrics import (
     REFERENCES,
@@ -25,6 +26,7 @@ from snapkv.analysis.observation.metrics import (
 from snapkv.core.compat import new_cache, prefill
 from snapkv.core.compress import attach
 from snapkv.core.hook import AttentionCall, Tap
+from snapkv.core.policies import SnapKV
 from snapkv.core.record import record_teacher_forced
 from snapkv.core.selection import observation_attention
 
@@ -80,13 +82,41 @@ def teacher_forced_attention(model, input_ids, prompt_len: int, window_size: int
 
 def greedy_continuation(model, prompt_ids, new_tokens: int) -> torch.Tensor:
     """The model's own greedy answer, exactly `new_tokens` long (EOS suppressed), as (1, prompt + new)."""
-    prompt_ids = _as_row(prompt_ids).to(model.device)
-    with torch.no_grad():
-        return model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=new_tokens,
-                              min_new_tokens=new_tokens, do_sample=False).cpu()
+    return greedy_continuations(model, [prompt_ids], new_tokens, batch_size=1)[0]
 
 
-def voted_overlap(model, sequences: list, document_len: int, *, window_size: int = 32,
+def greedy_continuations(model, prompts: list, new_tokens: int, batch_size: int = 4) -> list[torch.Tensor]:
+    """`greedy_continuation` of each prompt, decoded `batch_size` prompts at a time as left-padded batches of
+    similar lengths; each returned as (1, prompt + new), in the order of `prompts`.
+
+    A batch decodes deterministically, but not bit for bit like its rows one by one (the padded matrix products
+    round differently, ~1e-5 in the logits), so a greedy token can differ now and then: tests/analysis/observation
+    pins how often. The answers only feed the hit-rate experiments; every exactness contract of the engine is
+    checked on one-by-one decoding."""
+    rows = [_as_row(prompt) for prompt in prompts]
+    order = sorted(range(len(rows)), key=lambda i: rows[i].shape[1])
+    pad = model.generation_config.pad_token_id
+    pad = pad if pad is not None else model.generation_config.eos_token_id
+    pad = int(pad[0] if isinstance(pad, (list, tuple)) else pad if pad is not None else 0)
+    answers = [None] * len(rows)
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc="greedy answers", unit="batch", disable=len(starts) < 2, leave=False):
+        chosen = order[start : start + batch_size]
+        longest = max(rows[i].shape[1] for i in chosen)
+        ids = torch.full((len(chosen), longest), pad, dtype=torch.long)
+        mask = torch.zeros((len(chosen), longest), dtype=torch.long)
+        for slot, i in enumerate(chosen):
+            n = rows[i].shape[1]
+            ids[slot, longest - n :], mask[slot, longest - n :] = rows[i][0], 1
+        with torch.no_grad():
+            out = model.generate(ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad).cpu()
+        for slot, i in enumerate(chosen):
+            answers[i] = torch.cat([rows[i], out[slot : slot + 1, longest:]], 1)
+    return answers
+
+
+def voted_overlap(model, sequences: list, document_len: int, *, window_size: int = SnapKV.window_size,
                   top_k: float | int = 0.05, references=REFERENCES) -> pd.DataFrame:
     """Overlap of the voted sets of several sequences that share their first `document_len` tokens
     (one document, different questions; paper v2 Fig. 4). The document runs through the model once.

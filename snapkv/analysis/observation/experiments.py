@@ -1,7 +1,8 @@
 """One function per observation notebook: prompt set in, tidy DataFrame out, with each notebook's settings.
 
-Each notebook's defaults and quick-mode overrides live in one frozen dataclass here (`QUICK`: the fields a
-quick run changes; `snapkv.analysis.reporting.setup.resolve_settings` applies them). Every experiment runs
+Each notebook's settings live in one frozen dataclass here: its field defaults are the full profile (paper
+scale), `DEFAULT` and `QUICK` what the default and quick profiles change (`snapkv.analysis.reporting.setup`
+states the rule and applies them). Every experiment runs
 its samples through `run_over_samples`, which tags rows with `sample`. Sample and token counts travel with
 the results so figures can say what they cover.
 """
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 
 from snapkv.analysis.observation.attention import (
     generation_attention,
-    greedy_continuation,
+    greedy_continuations,
     hit_rate_along_generation,
     teacher_forced_attention,
     voted_overlap,
@@ -34,6 +35,7 @@ from snapkv.analysis.text import chat_ids, chat_request, cut_to_tokens, load_pro
 from snapkv.core.compat import new_cache, prefill
 
 QUICK_CONTEXT_TOKENS = 400  # quick runs cut every context or document to this many tokens
+DEFAULT_CONTEXT_TOKENS = 2048  # the default profile cuts them to this many (full: their own 2K-5.6K)
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,9 @@ class HitRateSettings:
     protocols: tuple[str, ...] = ("reference", "greedy")
     max_context_tokens: int | None = None
     n_sensitivity: int = 5  # samples of the sensitivity sweep
+    greedy_batch_size: int = 4  # greedy answers decoded together, left-padded (1: one by one, bit-exact)
+    DEFAULT: ClassVar[dict] = dict(n_samples=6, generation_window=64, max_context_tokens=DEFAULT_CONTEXT_TOKENS,
+                                   n_sensitivity=2, greedy_batch_size=3)
     QUICK: ClassVar[dict] = dict(n_samples=2, window_size=16, generation_window=16,
                                  max_context_tokens=QUICK_CONTEXT_TOKENS, n_sensitivity=1)
 
@@ -64,6 +69,7 @@ class WindowsAlongPromptSettings:
     top_k: float = 0.05
     threshold: float = 0.05
     max_context_tokens: int | None = None
+    DEFAULT: ClassVar[dict] = dict(n_samples=6, n_windows=10, generated_tokens=128, max_context_tokens=3072)
     QUICK: ClassVar[dict] = dict(n_samples=2, window_size=16, n_windows=6, generated_tokens=32,
                                  max_context_tokens=QUICK_CONTEXT_TOKENS)
 
@@ -76,6 +82,7 @@ class QuestionOverlapSettings:
     window_size: int = 32
     top_k: float = 0.05
     max_document_tokens: int | None = None
+    DEFAULT: ClassVar[dict] = dict(n_samples=6, max_document_tokens=DEFAULT_CONTEXT_TOKENS)
     QUICK: ClassVar[dict] = dict(n_samples=2, max_document_tokens=QUICK_CONTEXT_TOKENS)
 
 
@@ -89,6 +96,7 @@ class QuestionPositionSettings:
     top_k: float = 0.05
     threshold: float = 0.05
     max_document_tokens: int | None = None
+    DEFAULT: ClassVar[dict] = dict(n_samples=5, max_document_tokens=DEFAULT_CONTEXT_TOKENS)
     QUICK: ClassVar[dict] = dict(n_samples=2, questions_per_document=1, max_document_tokens=QUICK_CONTEXT_TOKENS)
 
 
@@ -104,6 +112,8 @@ class VotingVariantsSettings:
     top_k: float = 0.05
     threshold: float = 0.05
     max_context_tokens: int | None = None
+    DEFAULT: ClassVar[dict] = dict(n_samples=6, window_sizes=(8, 32, 128), kernel_sizes=(1, 5, 7),
+                                   generation_tokens=128, max_context_tokens=DEFAULT_CONTEXT_TOKENS)
     QUICK: ClassVar[dict] = dict(n_samples=2, window_sizes=(8, 32), generation_tokens=32,
                                  max_context_tokens=QUICK_CONTEXT_TOKENS)
 
@@ -150,22 +160,27 @@ def hit_rate_experiment(model, tokenizer, samples: list[dict], settings: HitRate
     Returns (hit-rate table, sensitivity table; empty without the reference protocol or n_sensitivity 0).
     """
     s = settings
+    unknown = [protocol for protocol in s.protocols if protocol not in ("reference", "greedy")]
+    if unknown:
+        raise ValueError(f"unknown protocol(s) {unknown}: use 'reference' or 'greedy'")
     answer_tokens = s.steps * s.generation_window
     sensitivity = []
+    prompts = [_chat_prompt(tokenizer, sample, s.max_context_tokens) for sample in samples]
+    greedy = []
+    if "greedy" in s.protocols:  # every greedy answer first, in left-padded batches (`greedy_continuations`)
+        greedy = greedy_continuations(model, prompts, answer_tokens, batch_size=s.greedy_batch_size)
 
     def measure(indexed):
         index, sample = indexed
-        prompt = _chat_prompt(tokenizer, sample, s.max_context_tokens)
+        prompt = prompts[index]
         for protocol in s.protocols:
             if protocol == "reference":
                 response = _response_ids(tokenizer, sample["response"], answer_tokens)
                 if response.shape[1] < answer_tokens:
                     continue
                 ids = torch.cat([prompt, response], 1)
-            elif protocol == "greedy":
-                ids = greedy_continuation(model, prompt, answer_tokens)
             else:
-                raise ValueError(f"unknown protocol {protocol!r}: use 'reference' or 'greedy'")
+                ids = greedy[index]
             observation, generated = generation_attention(model, ids, prompt.shape[1], window_size=s.window_size,
                                                           steps=s.steps, generation_window=s.generation_window)
             if protocol == "reference" and index < s.n_sensitivity:

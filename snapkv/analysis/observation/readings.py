@@ -21,16 +21,21 @@ def hit_rate_reading(table: pd.DataFrame, protocols, model_name: str, n_samples:
     without sinks and as mass recall; then the verdict on the first protocol."""
     overall = pool(table, ["protocol", "reference"]).set_index(["protocol", "reference"])
     windows = pool(table[table.reference == "snapkv"], ["protocol", "window"]).set_index(["protocol", "window"])
+    per_sample = pool(table[table.reference == "snapkv"], ["protocol", "sample"])
     last_window = table.window.max()
-    lines = [f"On {model_name} ({n_samples} samples; all layers, heads and answer tokens pooled):"]
+    lines = [f"On {model_name} (n = {n_samples} samples; all layers, heads and answer tokens pooled; 95% bootstrap "
+             "intervals over the samples' own hit rates):"]
     for protocol in protocols:
         snap = overall.loc[(protocol, "snapkv")]
         refs = overall.loc[protocol].drop("snapkv")
         first, last = windows.loc[(protocol, 0), "hit_rate"], windows.loc[(protocol, last_window), "hit_rate"]
+        own = per_sample[per_sample.protocol == protocol]
+        ci, ci_no_sinks = (summarize(own, ["protocol"], metric).iloc[0] for metric in ("hit_rate", "hit_rate_no_sinks"))
         lines.append(
-            f"- **{protocol}**: SnapKV hit rate {snap.hit_rate:.2f} (first window {first:.2f}, last {last:.2f}); "
-            f"best reference set: {refs.hit_rate.idxmax()} {refs.hit_rate.max():.2f}. Without sinks SnapKV scores "
-            f"{snap.hit_rate_no_sinks:.2f} (best reference {refs.hit_rate_no_sinks.max():.2f}); {snap.sink_share:.0%} "
+            f"- **{protocol}**: SnapKV hit rate {snap.hit_rate:.2f} [{ci.ci_low:.2f}, {ci.ci_high:.2f}] (first window "
+            f"{first:.2f}, last {last:.2f}); best reference set: {refs.hit_rate.idxmax()} {refs.hit_rate.max():.2f}. "
+            f"Without sinks SnapKV scores {snap.hit_rate_no_sinks:.2f} [{ci_no_sinks.ci_low:.2f}, "
+            f"{ci_no_sinks.ci_high:.2f}] (best reference {refs.hit_rate_no_sinks.max():.2f}); {snap.sink_share:.0%} "
             f"of important entries sit on sinks. Attention-mass recall: SnapKV {snap.mass_recall:.2f}, best "
             f"reference {refs.mass_recall.max():.2f}.")
     main = protocols[0]

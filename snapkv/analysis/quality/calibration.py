@@ -22,7 +22,6 @@ error.
 import dataclasses
 import hashlib
 import json
-import os
 import random
 import time
 import warnings
@@ -33,7 +32,7 @@ from typing import ClassVar
 
 import pandas as pd
 
-from snapkv import FullCache, SnapKV
+from snapkv import FullCache, SnapKV, method_policy
 from snapkv.analysis.quality.cluster_width import needle_sweep
 from snapkv.analysis.quality.methods import CALIBRATED, Method, check_lengths_fit
 from snapkv.analysis.quality.prompts import QualityPrompt, check_samples, fill_haystack, question_tail
@@ -41,6 +40,7 @@ from snapkv.analysis.quality.runner import DEFAULT_PREFILL_CHUNK, model_fingerpr
 from snapkv.analysis.text import chat_parts, stdlib_haystack_text, token_ids
 from snapkv.core import check_int
 from snapkv.core.compat import model_label
+from snapkv.core.files import atomic_write_text
 from snapkv.core.loading import model_cache_root
 from snapkv.core.selection import GQA_MODES, POOLINGS
 
@@ -60,7 +60,8 @@ CACHE_FOLDER = "calibration"
 
 @dataclass(frozen=True)
 class CalibrationSettings:
-    """The candidates `calibrate` tries (every combination) and its prompts; QUICK: what a quick run changes.
+    """The candidates `calibrate` tries (every combination) and its prompts (paper scale); DEFAULT and QUICK: what
+    the default and quick profiles change.
 
     lengths: prompt lengths in tokens (None: `default_lengths` of the budget); samples: prompts per length."""
 
@@ -71,6 +72,7 @@ class CalibrationSettings:
     lengths: tuple[int, ...] | None = None
     samples: int = 3
     seed: int = CALIBRATION_SEED
+    DEFAULT: ClassVar[dict] = dict(kernel_sizes=(5, 15, 31), poolings=("maxpool",), gqa_modes=("mean",))
     QUICK: ClassVar[dict] = dict(window_sizes=(16,), kernel_sizes=(5, 15), poolings=("maxpool",),
                                  gqa_modes=("mean",), samples=1)
 
@@ -186,6 +188,16 @@ def candidate_name(policy: SnapKV) -> str:
     return f"snapkv-w{policy.window_size}-k{policy.kernel_size}-{policy.pooling}-{policy.gqa}"
 
 
+def candidate_policy(budget: int, window_size: int, kernel_size: int, pooling: str, gqa: str) -> SnapKV:
+    """The registered "snapkv" method (`snapkv.method_policy`) at `budget`, `window_size` and `kernel_size`, with
+    `pooling` and `gqa`: every candidate, and the policy calibration returns, is that method."""
+    policy = method_policy("snapkv", budget, window_size=window_size, kernel_size=kernel_size)
+    if not isinstance(policy, SnapKV):
+        raise TypeError(f"the registered method 'snapkv' builds a {type(policy).__name__}; calibration chooses a "
+                        "SnapKV's window, kernel, pooling and gqa, so register 'snapkv' as a SnapKV (subclass)")
+    return dataclasses.replace(policy, pooling=pooling, gqa=gqa)
+
+
 def candidates(settings: CalibrationSettings, budget: int) -> list[Method]:
     """The full cache, then SnapKV at `budget` with every (window, kernel, pooling, gqa) of `settings`."""
     methods = [Method("full", None, FullCache())]
@@ -193,8 +205,7 @@ def candidates(settings: CalibrationSettings, budget: int) -> list[Method]:
         for kernel in settings.kernel_sizes:
             for pooling in settings.poolings:
                 for gqa in settings.gqa_modes:
-                    policy = SnapKV(window_size=window, max_capacity_prompt=budget, kernel_size=kernel,
-                                    pooling=pooling, gqa=gqa)
+                    policy = candidate_policy(budget, window, kernel, pooling, gqa)
                     methods.append(Method(candidate_name(policy), budget, policy))
     return methods
 
@@ -233,8 +244,7 @@ def candidate_table(sweep: pd.DataFrame, methods: Sequence[Method]) -> tuple[pd.
 def chosen_policy(table: pd.DataFrame, budget: int) -> SnapKV:
     """The SnapKV of `table`'s chosen row at `budget`."""
     row = table[table.chosen].iloc[0]
-    return SnapKV(window_size=int(row.window_size), max_capacity_prompt=budget, kernel_size=int(row.kernel_size),
-                  pooling=str(row.pooling), gqa=str(row.gqa))
+    return candidate_policy(budget, int(row.window_size), int(row.kernel_size), str(row.pooling), str(row.gqa))
 
 
 # -- the cache ------------------------------------------------------------------------------------------------
@@ -254,10 +264,7 @@ def cache_key(fingerprint: str, budget: int, settings: CalibrationSettings, leng
 
 def _write_json(path: Path, record: dict) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        partial.write_text(json.dumps(record, indent=1, default=str))
-        partial.replace(path)
+        atomic_write_text(path, json.dumps(record, indent=1, default=str))
     except OSError as error:
         warnings.warn(f"could not cache the calibration in {path} ({error}); the next call calibrates again. "
                       "Set SNAPKV_CACHE to a writable folder to fix this.", stacklevel=3)
@@ -273,8 +280,9 @@ def _read_cached(path: Path, key: str, settings: CalibrationSettings, budget: in
         if record["key"] != key or record["version"] != CALIBRATION_VERSION or record["budget"] != budget:
             raise ValueError("it belongs to another model, budget or version")
         table = pd.DataFrame.from_records(record["table"])
-        policy = SnapKV(**record["policy"])
-        if policy.max_capacity_prompt != budget or int(table.chosen.sum()) != 1:
+        saved = record["policy"]
+        policy = candidate_policy(budget, saved["window_size"], saved["kernel_size"], saved["pooling"], saved["gqa"])
+        if asdict(policy) != saved or int(table.chosen.sum()) != 1:
             raise ValueError("its policy or table is inconsistent")
         return Calibration(policy, table, budget, record["model_id"], settings, tuple(record["lengths"]),
                            float(record["full_accuracy"]), int(record["prompts"]), float(record["seconds"]), True,

@@ -34,10 +34,11 @@ from snapkv.analysis.quality.scoring import prefix_score, score_answer
 from snapkv.analysis.quality.statistics import with_full_score
 from snapkv.analysis.text import chat_ids, chat_request
 from snapkv.core import check_int
+from snapkv.core.registry import KERNEL_SIZE
 from snapkv.core.selection import GQA_MODES, POOLINGS
 
 KERNEL_SIZES = (1, 3, 5, 7, 11, 15, 21, 31, 63)
-PAPER_KERNEL = 5  # the paper's needle setting (window 16, kernel 5, maxpool)
+PAPER_KERNEL = KERNEL_SIZE  # the paper's needle setting (registry.WINDOW_SIZE, KERNEL_SIZE; maxpool)
 ANSWERED = "full cache answers"  # the cells of a summary where the full cache answers the prompt
 ALL_PROMPTS = "all prompts"
 RETENTION_MEASURES = {"value_kept": "every value token", "value_token_share": "mean value token"}
@@ -47,7 +48,7 @@ STILL_PREDICTIVE = 0.05  # a sink-free hit rate that falls less than this (paper
 
 @dataclass(frozen=True)
 class ClusterWidthSettings:
-    """Notebook 10's sweep; QUICK: what a quick run changes.
+    """Notebook 10's sweep (paper scale); DEFAULT and QUICK: what the default and quick profiles change.
 
     Every kernel x budget runs at `window_size`; each of `other_window_sizes` runs `other_kernel_sizes` x
     `other_budgets` (the full product of 9 kernels x 4 budgets x 3 windows would take an hour here). The task
@@ -75,6 +76,9 @@ class ClusterWidthSettings:
     answer_tokens: int = 128  # reference answer tokens (teacher-forced) whose attention the votes must predict
     top_k: float = 0.05  # notebook 01's voted set: this fraction of the prompt
     threshold: float = 0.05
+    DEFAULT: ClassVar[dict] = dict(kernel_sizes=(1, 5, 15, 31), budgets=(128, 512), other_window_sizes=(32,),
+                                   other_kernel_sizes=(5, 31), other_budgets=(256,), needle_samples=1,
+                                   task_samples=2, task_kernel_sizes=(5, 31), hit_rate_samples=2)
     QUICK: ClassVar[dict] = dict(kernel_sizes=(5, 31), budgets=(128,), other_window_sizes=(32,),
                                  other_kernel_sizes=(5,), other_budgets=(128,), needle_lengths=(512,),
                                  needle_depths=(0.5,), needle_samples=2, tasks=("single_key",), task_lengths=(512,),

@@ -1,27 +1,28 @@
-"""Named methods (a policy at a budget), the grid of them an experiment runs, and the defaults (with their
-quick-mode overrides) of the needle grid and the task suite, which `snapkv needle` / `snapkv tasks` and
-notebooks 06 / 07 all read."""
+"""Named methods (a policy at a budget, from the engine's registry: `snapkv.register_method`), the grid of them
+an experiment runs, and the defaults (with their quick-mode overrides) of the needle grid and the task suite,
+which `snapkv needle` / `snapkv tasks` and notebooks 06 / 07 all read. Any registered method may be named in a
+grid."""
 
 from dataclasses import dataclass
 from typing import ClassVar
 
-from snapkv import H2O, AdaKV, ChunkKV, FullCache, Policy, PyramidKV, RandomEviction, SnapKV, StreamingLLM
+from snapkv import Policy, method_names, method_policy
 from snapkv.analysis.quality.prompts import DEFAULT_DEPTHS, DEFAULT_LENGTHS, TASKS
 from snapkv.core.policies import check_int
+from snapkv.core.registry import KERNEL_SIZE, WINDOW_SIZE
 
 DEFAULT_BUDGETS = (128, 256, 512, 1024)
 ABLATION_BUDGETS = (128,)
-WINDOW_SIZE, KERNEL_SIZE = 16, 5  # the paper's needle-in-a-haystack setting (maxpool)
-METHODS = ("full", "snapkv", "adakv", "pyramidkv", "chunkkv", "streaming", "random", "h2o", "snapkv-avgpool",
-           "snapkv-nopool")
-SUCCESSORS = {"adakv": AdaKV, "pyramidkv": PyramidKV, "chunkkv": ChunkKV}  # SnapKV's arguments, their own defaults
+METHODS = method_names()  # the built-in methods (`snapkv.register_method` adds more; `method_names()` lists all)
+SUCCESSORS = ("adakv", "pyramidkv", "chunkkv")  # SnapKV's arguments, their own defaults
 CALIBRATED = "snapkv-calibrated"  # `snapkv.calibrate`'s SnapKV at each budget
 SNAPKV_FAMILY = ("snapkv", CALIBRATED, *SUCCESSORS)  # SnapKV and its successors
 CALIBRATION_THRESHOLD = 0.5  # full-cache score a (task, length) group needs to be kept
 ABLATION_METHODS = ("snapkv-avgpool", "snapkv-nopool")  # run at the ablation budgets only
 DEFAULT_METHODS = METHODS
 MODES = ("question-aware", "question-agnostic")  # compress with the question in the window, or before it
-POOLING = {"snapkv": "maxpool", "snapkv-avgpool": "avgpool", "snapkv-nopool": "none"}  # SnapKV variant: its pooling
+POOLING = {name: method_policy(name, DEFAULT_BUDGETS[-1]).pooling  # SnapKV variant: its pooling
+           for name in ("snapkv", *ABLATION_METHODS)}
 
 
 @dataclass(frozen=True)
@@ -37,36 +38,15 @@ class Method:
         return self.name, self.budget
 
 
-def method_policy(name: str, budget: int | None, *, window_size: int = WINDOW_SIZE,
-                  kernel_size: int = KERNEL_SIZE) -> Policy:
-    """The policy for a method name: full, snapkv (maxpool), snapkv-avgpool, snapkv-nopool, adakv, pyramidkv,
-    chunkkv (SnapKV's window, kernel and maxpool; their own defaults otherwise), streaming (4 sink tokens),
-    random (seed 0) or h2o; every windowed policy keeps the last `window_size` positions."""
-    if name == "full":
-        return FullCache()
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}: choose from {', '.join(METHODS)}")
-    if name.startswith("snapkv"):
-        return SnapKV(window_size=window_size, max_capacity_prompt=budget, kernel_size=kernel_size,
-                      pooling=POOLING[name], gqa="mean")
-    if name in SUCCESSORS:
-        return SUCCESSORS[name](window_size=window_size, max_capacity_prompt=budget, kernel_size=kernel_size,
-                                pooling="maxpool", gqa="mean")
-    if name == "streaming":
-        return StreamingLLM(sink_size=4, max_capacity_prompt=budget)
-    if name == "random":
-        return RandomEviction(max_capacity_prompt=budget, window_size=window_size, seed=0)
-    return H2O(max_capacity_prompt=budget, window_size=window_size)
-
-
 def check_methods(methods, budgets, ablation_budgets=ABLATION_BUDGETS, *, window_size: int = WINDOW_SIZE) -> None:
     """Raise ValueError for an unknown method or a budget the windowed policies cannot honour."""
-    methods = list(methods)
+    methods, known = list(methods), method_names()
     if not methods:
-        raise ValueError(f"methods is empty: choose from {', '.join(METHODS)}")
-    unknown = [m for m in methods if m not in METHODS]
+        raise ValueError(f"methods is empty: choose from {', '.join(known)}")
+    unknown = [m for m in methods if m not in known]
     if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}: choose from {', '.join(METHODS)}")
+        raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}: choose from {', '.join(known)}, or "
+                         "add one with snapkv.register_method")
     for budget in [*budgets, *ablation_budgets]:
         if check_int("budget", budget, 1) <= window_size:
             raise ValueError(f"budget {budget} must exceed the observation window ({window_size} tokens): "
@@ -101,13 +81,18 @@ def check_lengths_fit(lengths, model, max_new_tokens: int = 40) -> None:
 
 
 QUICK_METHODS = ("full", "snapkv", *SUCCESSORS)  # quick runs: a tiny smoke run of one short length
+# the default profile: the methods that carry a finding, at two budgets, on the lengths the smallest model answers
+FINDING_METHODS = ("full", "snapkv", "adakv", "pyramidkv", "chunkkv", "streaming", "h2o")
+DEFAULT_PROFILE_BUDGETS = (128, 512)
+DEFAULT_PROFILE_LENGTHS = (1000, 2000)
 QUICK_BUDGETS = (128,)
 QUICK_LENGTHS = (512,)
 
 
 @dataclass(frozen=True)
 class NeedleSettings:
-    """The needle-in-a-haystack grid (`snapkv needle`, notebook 06); QUICK: what a quick run changes."""
+    """The needle-in-a-haystack grid (`snapkv needle`, notebook 06): paper scale; DEFAULT and QUICK: what the
+    default and quick profiles change (`snapkv.analysis.reporting.setup`)."""
 
     lengths: tuple[int, ...] = DEFAULT_LENGTHS  # prompt tokens
     depths: tuple[float, ...] = DEFAULT_DEPTHS
@@ -122,6 +107,8 @@ class NeedleSettings:
     window_size: int = WINDOW_SIZE
     kernel_size: int = KERNEL_SIZE
     calibrated: bool = True  # also "snapkv-calibrated": `snapkv.calibrate`'s SnapKV at every budget (cached per model)
+    DEFAULT: ClassVar[dict] = dict(lengths=DEFAULT_PROFILE_LENGTHS, depths=(0.0, 0.25, 0.5, 0.75, 1.0), samples=2,
+                                   methods=FINDING_METHODS, budgets=DEFAULT_PROFILE_BUDGETS)
     QUICK: ClassVar[dict] = dict(lengths=QUICK_LENGTHS, depths=(0.0, 0.5, 1.0), budgets=QUICK_BUDGETS,
                                  methods=(*QUICK_METHODS, *ABLATION_METHODS), ablation_budgets=QUICK_BUDGETS,
                                  calibrated=False)
@@ -129,7 +116,9 @@ class NeedleSettings:
 
 @dataclass(frozen=True)
 class TaskSettings:
-    """The RULER-style task suite (`snapkv tasks`, notebook 07); QUICK: what a quick run changes."""
+    """The RULER-style task suite (`snapkv tasks`, notebook 07): paper scale; DEFAULT and QUICK: what the default
+    and quick profiles change. The default keeps the two retrieval tasks the embedded models' full cache solves
+    (the others are dropped by the calibration step in a full run)."""
 
     tasks: tuple[str, ...] = TASKS
     lengths: tuple[int, ...] = (1000, 2000, 4000)
@@ -145,5 +134,7 @@ class TaskSettings:
     window_size: int = WINDOW_SIZE
     kernel_size: int = KERNEL_SIZE
     calibrated: bool = True  # also "snapkv-calibrated" (see NeedleSettings)
+    DEFAULT: ClassVar[dict] = dict(tasks=("single_key", "multi_key"), lengths=DEFAULT_PROFILE_LENGTHS, samples=3,
+                                   methods=FINDING_METHODS, budgets=DEFAULT_PROFILE_BUDGETS, calibration_samples=2)
     QUICK: ClassVar[dict] = dict(tasks=("single_key",), lengths=QUICK_LENGTHS, samples=1, methods=QUICK_METHODS,
                                  budgets=QUICK_BUDGETS, calibration_samples=1, calibrated=False)

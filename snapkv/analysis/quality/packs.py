@@ -41,7 +41,7 @@ RECOMPUTE, FULL_PACK = "recompute", "full pack"
 
 @dataclass(frozen=True)
 class PackSettings:
-    """Notebook 11's settings; QUICK: what a quick run changes."""
+    """Notebook 11's settings (paper scale); DEFAULT and QUICK: what the default and quick profiles change."""
 
     lengths: tuple[int, ...] = (1000, 2000, 4000, 8000)  # context tokens of the timing runs
     budget: int = 512  # the compressed pack of the timing runs (SnapKV)
@@ -56,6 +56,8 @@ class PackSettings:
     window_size: int = WINDOW_SIZE
     kernel_size: int = KERNEL_SIZE
     seed: int = 0
+    DEFAULT: ClassVar[dict] = dict(lengths=(1000, 2000, 4000), repeats=2, quality_lengths=(1000,),
+                                   depths=(0.0, 0.5, 1.0), samples=2, budgets=(128, 512))
     QUICK: ClassVar[dict] = dict(lengths=(512,), budget=128, repeats=1, quality_lengths=(512,), depths=(0.5,),
                                  tasks=("single_key",), samples=1, methods=("full", "snapkv"), budgets=(128,))
 

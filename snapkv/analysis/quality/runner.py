@@ -14,9 +14,10 @@ Two compression modes (`MODES`):
 Shared prefill (`answers_with_shared_prefill`): prefill is the dominant cost and it does not depend on
 the eviction policy (every policy prefills with the full cache), so each prompt is prefilled ONCE by an
 observing compression session, and every method then decodes from its own fork: a copy of the KV cache
-(`copy_cache`) and `observer.fork(policy)`, a session that starts from what the observer saw (last window
-queries, H2O's accumulated attention). Both modes share that prefill (the context part is prefilled first; the
-question-agnostic forks are taken there; the tail is then prefilled on top for the question-aware forks).
+(`copy_cache`) and `observer.fork(policy)`, a session that starts from what the observer saw (what the
+policies `observe`: last window queries, H2O's accumulated attention, ...). Both modes share that prefill (the
+context part is prefilled first; the question-agnostic forks are taken there; the tail is then prefilled on top
+for the question-aware forks).
 The result equals running `model.generate` inside `snapkv.compress(model, policy)` once per method
 (pinned by tests/analysis/quality/test_quality.py), at the cost of one prefill per prompt instead of one per method.
 
@@ -44,7 +45,6 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from snapkv import H2O, Policy, SnapKV
 from snapkv.analysis.quality.methods import CALIBRATION_THRESHOLD, MODES, Method, check_lengths_fit, method_grid
 from snapkv.analysis.quality.prompts import QualityPrompt, check_samples
 from snapkv.analysis.quality.scoring import first_code_line, prefix_score, score_answer
@@ -52,6 +52,7 @@ from snapkv.analysis.quality.statistics import calibrate
 from snapkv.analysis.text import chat_parts, token_ids
 from snapkv.core.compat import copy_cache, forward, new_cache, prefill
 from snapkv.core.compress import CompressionSession, attach
+from snapkv.core.environment import weights_fingerprint
 
 DEFAULT_PREFILL_CHUNK = 2048
 
@@ -68,15 +69,6 @@ class GeneratedAnswer:
     cache_slots: float
     seconds: float
     kept_positions: dict = dataclasses.field(default_factory=dict)
-
-
-def observer_policy(policies: Sequence[Policy]) -> Policy:
-    """The policy of the session that observes the shared prefill for all of `policies`: the widest window, and
-    H2O (attention accumulated over every query) when one of them needs it."""
-    window = max([max(p.window_size, 1) for p in policies] + [1])
-    if any(p.needs_accumulated_attention for p in policies):
-        return H2O(max_capacity_prompt=window + 1, window_size=window)
-    return SnapKV(window_size=window, max_capacity_prompt=window + 1, kernel_size=1)
 
 
 def _greedy(model, cache, logits: torch.Tensor, max_new_tokens: int, stop_ids, stop, keep_logits: bool):
@@ -129,7 +121,7 @@ def answers_with_shared_prefill(model, context_ids, tail_ids, methods: Sequence[
         raise ValueError(f"prefill_chunk_size ({prefill_chunk_size}) must be at least the window ({window})")
     if context.shape[1] < window:
         raise ValueError(f"the context has {context.shape[1]} tokens, fewer than the window ({window})")
-    observer = CompressionSession(model, observer_policy(policies), prefill_chunk_size, observe_only=True)
+    observer = CompressionSession.observer(model, policies, prefill_chunk_size)
     cache = new_cache(model)
     results = {}
 
@@ -209,23 +201,15 @@ def method_answers(model, tokenizer, prompts: Sequence[QualityPrompt], methods: 
 
 
 def model_fingerprint(model, tokenizer) -> str:
-    """sha256 of what decides a model's answers besides the prompt: its config (without its name or path), 64
-    evenly spaced values of every parameter, its dtype, and how the tokenizer writes a calibration prompt's
-    parts (chat head and end, a fact sentence)."""
-    digest = hashlib.sha256()
+    """sha256 of what decides a model's answers besides the prompt: its config (without its name or path), its
+    parameters' dtypes, its weights (`weights_fingerprint`, the one KV packs store), and how the tokenizer writes
+    a calibration prompt's parts (chat head and end, a fact sentence)."""
     config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "name_or_path")}
-    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            flat = parameter.detach().reshape(-1)
-            count = min(64, flat.numel())
-            index = torch.arange(count, device=flat.device) * (flat.numel() - 1) // max(count - 1, 1)
-            digest.update(name.encode() + str(parameter.dtype).encode())
-            digest.update(flat[index].double().cpu().numpy().tobytes())
+    dtypes = sorted({str(parameter.dtype) for parameter in model.parameters()})
     head, end = chat_parts(tokenizer)
     probe = token_ids(tokenizer, "\nThe registration number of the teal heron is 4096512.\n")
-    digest.update(json.dumps([head, end, probe]).encode())
-    return digest.hexdigest()
+    payload = dict(config=config, dtypes=dtypes, weights=weights_fingerprint(model), tokenizer=[head, end, probe])
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def code_digest() -> str:

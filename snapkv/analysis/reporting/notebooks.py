@@ -2,8 +2,8 @@
 
 Every notebook runs in its own folder (as it would in Jupyter) on the ``python3`` kernel, which
 jupyter_client starts with the running interpreter, so notebooks see the same installed ``snapkv``.
-Papermill injects the parameters ``quick`` and ``reports_dir`` (the absolute output folder), so a
-notebook writes its figures to ``Path(reports_dir) / "figures"``.
+Papermill injects the parameters ``profile`` ("quick", "default" or "full": `setup.PROFILES`) and
+``reports_dir`` (the absolute output folder), so a notebook writes its figures to ``Path(reports_dir) / "figures"``.
 
 ``out_dir/notebooks.json`` is the run record, updated after every notebook (so an interrupted run keeps
 what finished): per notebook its status, error, timings, the exact parameters it ran with and the sha256
@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from snapkv.core.environment import machine_description, package_versions
+from snapkv.core.files import atomic_write_text
 
 DEFAULT_KERNEL = "python3"
 RUN_RECORD = "notebooks.json"
@@ -34,13 +36,13 @@ HEADLESS_PARAMETERS = {"interactive": False}
 _RECORDED_PACKAGES = ("snapkv", "torch", "transformers", "papermill", "nbconvert", "ipykernel")
 
 
-def run_notebooks(notebook_dir="notebooks", out_dir="reports", *, parameters=None, quick=False, kernel_name=None,
+def run_notebooks(notebook_dir="notebooks", out_dir="reports", *, parameters=None, profile="default", kernel_name=None,
                   optional_parameters=None, force=True, execution_timeout=None):
     """Execute every ``*.ipynb`` in ``notebook_dir`` (sorted by name) and write the results to ``out_dir``.
 
     For each notebook ``NAME.ipynb`` this writes ``out_dir/NAME.ipynb`` (executed, outputs included)
     and ``out_dir/NAME.html``; ``out_dir/notebooks.json`` records parameters, versions and timings.
-    parameters: extra papermill parameters (a dict), given to every notebook; they override ``quick``
+    parameters: extra papermill parameters (a dict), given to every notebook; they override ``profile``
         and ``reports_dir``.
     optional_parameters: papermill parameters (a dict) given only to the notebooks whose parameters cell
         declares them (e.g. ``model_name``), after ``HEADLESS_PARAMETERS`` (``interactive=False``).
@@ -56,7 +58,7 @@ def run_notebooks(notebook_dir="notebooks", out_dir="reports", *, parameters=Non
     kernel_name = kernel_name or DEFAULT_KERNEL
     check_kernel(kernel_name)
     out_dir = Path(out_dir)
-    common = common_parameters(out_dir, quick=quick, parameters=parameters)
+    common = common_parameters(out_dir, profile=profile, parameters=parameters)
     _check_dict("optional_parameters", optional_parameters)
     optional = {**HEADLESS_PARAMETERS, **(optional_parameters or {})}
     rows = []
@@ -89,10 +91,12 @@ def find_notebooks(notebook_dir) -> list[Path]:
     return notebooks
 
 
-def common_parameters(out_dir, *, quick=False, parameters=None) -> dict:
-    """The parameters every notebook gets: quick, reports_dir (absolute), then ``parameters``."""
+def common_parameters(out_dir, *, profile="default", parameters=None) -> dict:
+    """The parameters every notebook gets: profile, reports_dir (absolute), then ``parameters``."""
+    from snapkv.analysis.reporting.setup import check_profile
+
     _check_dict("parameters", parameters)
-    return {"quick": bool(quick), "reports_dir": str(Path(out_dir).resolve()), **(parameters or {})}
+    return {"profile": check_profile(profile), "reports_dir": str(Path(out_dir).resolve()), **(parameters or {})}
 
 
 def declared_parameters(notebook) -> set[str]:
@@ -201,7 +205,7 @@ def run_notebook(notebook, out_dir, parameters: dict, kernel_name: str = DEFAULT
         "html": str(html) if html else None,
         "error": error,
     }
-    run_wide = {k: v for k, v in parameters.items() if k in ("quick", "reports_dir")}
+    run_wide = {k: v for k, v in parameters.items() if k in ("profile", "reports_dir")}
     update_run_record(record_dir, "notebooks", row["notebook"], row | {
         "parameters": parameters, "source": str(notebook.resolve()), "source_sha256": source_hash,
         "kernel": kernel_name, "finished_at": _now(),
@@ -340,8 +344,16 @@ def read_run_record(out_dir) -> dict:
 
 def update_run_record(out_dir, kind: str, name: str, entry: dict, parameters: dict | None = None) -> dict:
     """Replace the ``kind`` ("notebooks" or "benchmarks") entry ``name`` in the run record, refresh the
-    environment, and write the file atomically. Entries of other parts are kept."""
-    out_dir = Path(out_dir)
+    environment, and write the file atomically. Entries of other parts are kept; notebooks running side by side
+    (threads of `snapkv reproduce`) update it one at a time."""
+    with _RECORD_LOCK:
+        return _update_run_record(Path(out_dir), kind, name, entry, parameters)
+
+
+_RECORD_LOCK = threading.Lock()
+
+
+def _update_run_record(out_dir: Path, kind: str, name: str, entry: dict, parameters: dict | None) -> dict:
     record = read_run_record(out_dir)
     key = "notebook" if kind == "notebooks" else "benchmark"
     record[kind][name] = {key: name, **{k: v for k, v in entry.items() if k != key}}
@@ -353,9 +365,7 @@ def update_run_record(out_dir, kind: str, name: str, entry: dict, parameters: di
         record[part_kind] = [record[part_kind][n] for n in sorted(record[part_kind])]
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / RUN_RECORD
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    partial.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
-    partial.replace(path)
+    atomic_write_text(path, json.dumps(record, indent=2, default=str) + "\n")
     return record
 
 

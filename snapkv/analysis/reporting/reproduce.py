@@ -5,7 +5,8 @@ those of `AFTER_MODEL_PASSES`; then each `MODEL_PASSES` entry: some notebooks ag
 `<out>/models/NAME/` (their own figures/ and pages; parts named `NAME/NOTEBOOK.ipynb`, "not run" when the model's
 wheels are missing, left out when the caller chose one model); then the `AFTER_MODEL_PASSES` notebooks (they read
 every pass's CSVs); then each benchmark script found in `benchmark_dir` (default: the `benchmarks/` folder next to
-`notebook_dir`), run in a subprocess as `python SCRIPT --out <out>/benchmarks [--quick]` with its output in
+`notebook_dir`), run in a subprocess as `python SCRIPT --out <out>/benchmarks [--quick]` (`--quick` in every
+profile but "full": the notebooks carry the default profile's findings) with its output in
 `<out>/benchmarks/NAME.log`. A benchmark that needs CUDA is "not run" on a machine without it.
 
 Resumable: a part that finished ("ok") with the same parameters and the same source (notebook or script
@@ -18,9 +19,13 @@ from the JSON files `save_result` writes to `<out>/figures` at the end of every 
 import datetime
 import html
 import json
+import os
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +34,9 @@ from tqdm.auto import tqdm
 
 from snapkv.analysis.reporting import notebooks as runner
 from snapkv.analysis.reporting import runs
+from snapkv.analysis.reporting.setup import check_profile
+from snapkv.core import check_int
+from snapkv.core.files import atomic_write_text
 
 INDEX = "index.html"
 FIGURES = "figures"
@@ -61,7 +69,8 @@ AFTER_MODEL_PASSES = ("12_across_models",)
 
 @dataclass(frozen=True)
 class Benchmark:
-    """A benchmark script run as `python SCRIPT --out <out>/benchmarks [--quick]`; `outputs` are the files it
+    """A benchmark script run as `python SCRIPT --out <out>/benchmarks [--quick]` (`--quick` unless the profile is
+    "full"); `outputs` are the files it
     writes there on success (a JSON output with a "complete" key must say true)."""
 
     name: str
@@ -69,8 +78,8 @@ class Benchmark:
     outputs: tuple[str, ...]
     needs_cuda: bool = False
 
-    def command(self, out_dir: Path, quick: bool) -> list[str]:
-        return [sys.executable, str(self.script), "--out", str(out_dir), *(["--quick"] if quick else [])]
+    def command(self, out_dir: Path, profile: str) -> list[str]:
+        return [sys.executable, str(self.script), "--out", str(out_dir), *(["--quick"] if profile != "full" else [])]
 
 
 def default_benchmarks(benchmark_dir) -> list[Benchmark]:
@@ -83,82 +92,262 @@ def default_benchmarks(benchmark_dir) -> list[Benchmark]:
     return [benchmark for benchmark in known if benchmark.script.is_file()]
 
 
-def reproduce(out_dir="reports", *, notebook_dir="notebooks", quick: bool = False, model_name: str | None = None,
+def reproduce(out_dir="reports", *, notebook_dir="notebooks", profile: str = "default", model_name: str | None = None,
               device: str | None = None, dtype: str | None = None, parameters: dict | None = None,
-              force: bool = False, benchmarks: list[Benchmark] | None = None,
+              force: bool = False, benchmarks: list[Benchmark] | None = None, workers: int | None = None,
               kernel_name: str | None = None, execution_timeout: float | None = None,
               progress: bool = True) -> pd.DataFrame:
     """Run every part (notebooks, then benchmarks) into `out_dir` and write `out_dir/index.html`.
 
+    profile: "default" (every figure, sized for its finding: about 30 minutes on a 2-core CPU), "full" (paper
+    scale, meant for a GPU) or "quick" (a smoke run); passed to every notebook (`setup.PROFILES`).
     model_name: passed as the `model_name` parameter to the notebooks that declare it (None: their default, and
     the `MODEL_PASSES` run too; a model given here means one model: no second-model pass).
     device, dtype: passed as the `device` / `dtype` parameters to the notebooks that declare them, e.g. "cuda"
     and "bfloat16" on a GPU (None: their default, CPU float32); checked before anything runs.
     parameters: extra papermill parameters for every notebook; notebooks that declare `interactive` get
     `interactive=False` (`notebooks.HEADLESS_PARAMETERS`). benchmarks: None for `default_benchmarks` of the
-    `benchmarks/` folder next to `notebook_dir`; [] for none. execution_timeout: seconds one notebook cell may
-    run before its notebook fails (None: no limit).
+    `benchmarks/` folder next to `notebook_dir`; [] for none. workers: notebooks run side by side (None:
+    `default_workers`; each runs its torch on one thread when there are several). execution_timeout: seconds one
+    notebook cell may run before its notebook fails (None: no limit).
     Returns one row per part: part, kind, status ("ok", "failed", "skipped" = finished earlier, "not run"),
     seconds, output, error. Never raises for a failing part: check `status`.
     """
     check_device(device, dtype)
+    check_profile(profile)
+    workers = default_workers(device) if workers is None else check_int("workers", workers, 1)
     out_dir = Path(out_dir)
     notebooks = runner.find_notebooks(notebook_dir)
     kernel_name = kernel_name or runner.DEFAULT_KERNEL
     runner.check_kernel(kernel_name)
     if benchmarks is None:
         benchmarks = default_benchmarks(Path(notebook_dir).resolve().parent / BENCHMARKS)
-    common = runner.common_parameters(out_dir, quick=quick, parameters=parameters)
+    parts = notebook_parts(out_dir, notebooks, profile=profile, model_name=model_name, device=device, dtype=dtype,
+                           parameters=parameters)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for part in parts:
+        if part.missing:
+            rows.append(_not_run_notebook(out_dir, part.name, part.missing))
+    todo = [part for part in parts if not part.missing and (force or not part.finished())]
+    skipped = [part for part in parts if not part.missing and part not in todo]
+    rows += [_skipped_part(part) for part in skipped]
+    expected = expected_seconds(profile)
+    if progress:
+        print(plan_text(todo, benchmarks, expected, workers, profile), flush=True)
+    try:
+        with _threads_per_kernel(1 if workers > 1 else None):
+            rows += run_parts(todo, workers, expected, kernel_name=kernel_name, execution_timeout=execution_timeout,
+                              progress=progress)
+        for benchmark in benchmarks:
+            rows.append(_benchmark_part(benchmark, out_dir, profile, force))
+    finally:
+        write_index(out_dir)
+    order = {part.name: index for index, part in enumerate(parts)}
+    rows.sort(key=lambda row: order.get(row["part"], len(order)))
+    return pd.DataFrame(rows, columns=["part", "kind", "status", "seconds", "output", "error"])
+
+
+@dataclass(frozen=True)
+class NotebookPart:
+    """One notebook run of the main job: `notebook` into `folder` with `parameters`, recorded as `name` in the run
+    record of `record_dir`; it starts once the parts named in `after` are done. `missing`: why it cannot run here
+    (a second model's wheels are missing), or None."""
+
+    name: str
+    notebook: Path
+    folder: Path
+    record_dir: Path
+    parameters: dict
+    after: tuple[str, ...] = ()
+    missing: str | None = None
+
+    def finished(self) -> bool:
+        return runner.finished(self.notebook, self.folder, self.parameters, record_dir=self.record_dir,
+                               part=self.name)
+
+
+def notebook_parts(out_dir, notebooks: list[Path], *, profile: str, model_name=None, device=None, dtype=None,
+                   parameters=None) -> list[NotebookPart]:
+    """Every notebook run of the main job, in order: the notebooks on the default model, each `MODEL_PASSES`
+    entry (unless `model_name` chose one model), then the `AFTER_MODEL_PASSES` notebooks, which wait for all the
+    others. Within a model, a notebook of `WAITS_FOR` waits for the one it names (they share a cache)."""
+    out_dir = Path(out_dir)
     optional = dict(runner.HEADLESS_PARAMETERS)
     optional |= {name: value for name, value in zip(MODEL_PARAMETERS, (model_name, device, dtype)) if value is not None}
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    first = [notebook for notebook in notebooks if notebook.stem not in AFTER_MODEL_PASSES]
-    last = [notebook for notebook in notebooks if notebook.stem in AFTER_MODEL_PASSES]
-    passes = [] if model_name is not None else [
-        (model_pass, [notebook for notebook in notebooks if notebook.stem in model_pass.notebooks])
-        for model_pass in MODEL_PASSES]
-    total = len(notebooks) + sum(len(chosen) for _, chosen in passes) + len(benchmarks)
-
-    def notebook_part(notebook, folder, injected, part=None):
-        bar.set_postfix_str(part or notebook.name)
-        where = {"record_dir": out_dir, "part": part}
-        if not force and runner.finished(notebook, folder, injected, **where):
-            row = runner.skipped_row(notebook, folder, **where)
-        else:
-            row = runner.run_notebook(notebook, folder, injected, kernel_name, execution_timeout=execution_timeout,
-                                      **where)
-        rows.append({"part": row["notebook"], "kind": "notebook", "status": row["status"],
-                     "seconds": row["seconds"], "output": row["html"] or row["executed"], "error": row["error"]})
-        bar.update()
-
-    rows = []
-    bar = tqdm(total=total, desc="reproduce", unit="part", disable=not progress)
-    try:
-        for notebook in first:
-            notebook_part(notebook, out_dir, runner.notebook_parameters(notebook, common, optional))
-        for model_pass, chosen in passes:
-            folder = model_pass.folder(out_dir)
-            missing = _missing_model(model_pass.model_name)
-            pass_common = runner.common_parameters(folder, quick=quick, parameters=parameters)
+    passes = [(None, out_dir, optional, notebooks, None)]
+    if model_name is None:
+        for model_pass in MODEL_PASSES:
+            chosen = [notebook for notebook in notebooks if notebook.stem in model_pass.notebooks]
             pass_optional = optional | {MODEL_PARAMETERS[0]: model_pass.model_name}
-            for notebook in chosen:
-                if missing:
-                    rows.append(_not_run_notebook(out_dir, model_pass.part(notebook), missing))
-                    bar.update()
-                    continue
-                injected = runner.notebook_parameters(notebook, pass_common, pass_optional)
-                notebook_part(notebook, folder, injected, model_pass.part(notebook))
-        for notebook in last:
-            notebook_part(notebook, out_dir, runner.notebook_parameters(notebook, common, optional))
-        for benchmark in benchmarks:
-            bar.set_postfix_str(benchmark.name)
-            rows.append(_benchmark_part(benchmark, out_dir, quick, force))
-            bar.update()
+            passes.append((model_pass, model_pass.folder(out_dir), pass_optional, chosen,
+                           _missing_model(model_pass.model_name)))
+    parts, last = [], []
+    for model_pass, folder, chosen_optional, chosen, missing in passes:
+        common = runner.common_parameters(folder, profile=profile, parameters=parameters)
+        for notebook in chosen:
+            name = model_pass.part(notebook) if model_pass else notebook.name
+            waits = WAITS_FOR.get(notebook.stem)
+            after = ((model_pass.part(Path(waits + ".ipynb")) if model_pass else waits + ".ipynb"),) if waits else ()
+            part = NotebookPart(name, notebook, folder, out_dir, runner.notebook_parameters(notebook, common,
+                                chosen_optional), after, missing)
+            (last if model_pass is None and notebook.stem in AFTER_MODEL_PASSES else parts).append(part)
+    every = tuple(part.name for part in parts)
+    return parts + [NotebookPart(p.name, p.notebook, p.folder, p.record_dir, p.parameters, every) for p in last]
+
+
+# a notebook that waits for another of the same model: 07 reuses the SnapKV calibration 06 computes (cached)
+WAITS_FOR = {"07_task_suite": "06_needle"}
+
+
+def default_workers(device: str | None = None) -> int:
+    """Notebooks side by side: one per two CPU cores' worth of a 2-core machine, i.e. 2 workers of one torch thread
+    each on a CPU of at least 2 cores (measured faster than one worker of 2 threads: `benchmarks/workers.py`);
+    1 on a GPU, which one notebook keeps busy."""
+    if device is not None and str(device).startswith("cuda"):
+        return 1
+    return 2 if (os.cpu_count() or 1) >= 2 else 1
+
+
+def run_parts(parts: list[NotebookPart], workers: int, expected: dict, *, kernel_name: str,
+              execution_timeout: float | None, progress: bool = True) -> list[dict]:
+    """Run `parts` on `workers` threads (each drives one Jupyter kernel), longest expected first among those whose
+    `after` parts are done, with one progress bar for the whole run and one per running part (expected seconds
+    as their totals, so each shows an ETA). Returns one row per part."""
+    rows, done, running = [], set(), {}
+    pending = sorted(parts, key=lambda part: -expected.get(part.name, UNKNOWN_SECONDS))
+    names = {part.name for part in parts}
+    total = sum(expected.get(part.name, UNKNOWN_SECONDS) for part in parts)
+    bar = tqdm(total=round(total), desc=f"reproduce ({len(parts)} notebooks)", unit="s", disable=not progress,
+               position=0, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} expected s [{elapsed}<{remaining}]")
+    slots = list(range(1, workers + 1))
+
+    def ready(part):
+        return all(name in done or name not in names for name in part.after)
+
+    def run(part, slot):
+        guess = expected.get(part.name, UNKNOWN_SECONDS)
+        with _ticking_bar(part.name, guess, slot, progress):
+            row = runner.run_notebook(part.notebook, part.folder, part.parameters, kernel_name,
+                                      execution_timeout=execution_timeout, record_dir=part.record_dir, part=part.name)
+        return row, guess
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        while pending or running:
+            while pending and slots:
+                part = next((p for p in pending if ready(p)), None)
+                if part is None:
+                    break
+                pending.remove(part)
+                slot = slots.pop(0)
+                running[pool.submit(run, part, slot)] = (part, slot)
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                part, slot = running.pop(future)
+                row, guess = future.result()
+                slots.append(slot)
+                done.add(part.name)
+                bar.update(round(guess))
+                rows.append({"part": row["notebook"], "kind": "notebook", "status": row["status"], "seconds":
+                             row["seconds"], "output": row["html"] or row["executed"], "error": row["error"]})
+                if progress:
+                    tqdm.write(f"{row['status']:>6}  {part.name}  {row['seconds']:.0f} s (expected {guess:.0f} s)")
+    bar.close()
+    return rows
+
+
+UNKNOWN_SECONDS = 60.0  # a part with no measured time counts as one minute in the plan and the progress bar
+EXPECTED_TIMES = Path(__file__).with_name("expected_seconds.json")
+
+
+def expected_seconds(profile: str) -> dict:
+    """Seconds each part took in a measured run of `profile` on a quiet 2-core CPU (`expected_seconds.json`,
+    written from a run record by `record_expected_seconds`); empty when none was measured."""
+    try:
+        return json.loads(EXPECTED_TIMES.read_text(encoding="utf-8")).get(profile, {}).get("seconds", {})
+    except (OSError, ValueError):
+        return {}
+
+
+def record_expected_seconds(out_dir, profile: str, note: str) -> dict:
+    """Store the seconds of every part that finished "ok" in `out_dir`'s run record as `profile`'s expected times
+    (with `note`: where and how they were measured)."""
+    record = runner.read_run_record(out_dir)
+    seconds = {name: entry["seconds"] for kind in ("notebooks", "benchmarks") for name, entry in record[kind].items()
+               if entry.get("status") == "ok" and entry.get("seconds") is not None}
+    try:
+        stored = json.loads(EXPECTED_TIMES.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        stored = {}
+    stored[profile] = {"note": note, "seconds": dict(sorted(seconds.items()))}
+    EXPECTED_TIMES.write_text(json.dumps(stored, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    return stored[profile]
+
+
+def plan_text(parts: list[NotebookPart], benchmarks: list, expected: dict, workers: int, profile: str) -> str:
+    """What a run will do, before it starts: each part with its expected minutes (measured on a 2-core CPU), and
+    the expected wall time with `workers` side by side."""
+    if not parts and not benchmarks:
+        return f"snapkv reproduce ({profile} profile): every part has finished earlier (--force reruns them)"
+    lines = [f"snapkv reproduce, {profile} profile: {len(parts)} notebook(s) on {workers} worker(s), "
+             f"{len(benchmarks)} benchmark(s); expected minutes from a measured run on a 2-core CPU:"]
+    for part in parts:
+        seconds = expected.get(part.name)
+        lines.append(f"  {part.name:<48} {'?' if seconds is None else f'{seconds / 60:5.1f}'}")
+    for benchmark in benchmarks:
+        seconds = expected.get(benchmark.name)
+        lines.append(f"  {'benchmark ' + benchmark.name:<48} {'?' if seconds is None else f'{seconds / 60:5.1f}'}")
+    notebook_seconds = sum(expected.get(part.name, UNKNOWN_SECONDS) for part in parts)
+    benchmark_seconds = sum(expected.get(benchmark.name, UNKNOWN_SECONDS) for benchmark in benchmarks)
+    lines.append(f"  about {(notebook_seconds / workers + benchmark_seconds) / 60:.0f} minutes in all "
+                 f"('?': not measured, counted as {UNKNOWN_SECONDS / 60:.0f} min)")
+    return "\n".join(lines)
+
+
+@contextmanager
+def _ticking_bar(name: str, expected: float, position: int, enabled: bool):
+    """A progress bar for one running part: seconds elapsed against the expected seconds (its ETA), ticking once
+    a second from a thread of its own."""
+    bar = tqdm(total=max(1, round(expected)), desc=name[-40:], unit="s", position=position, leave=False,
+               disable=not enabled, bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} s [{remaining} left]")
+    stop = threading.Event()
+
+    def tick():
+        while not stop.wait(1.0):
+            if bar.n < bar.total:
+                bar.update(1)
+
+    ticker = threading.Thread(target=tick, daemon=True)
+    ticker.start()
+    try:
+        yield
     finally:
+        stop.set()
+        ticker.join()
         bar.close()
-        write_index(out_dir)
-    return pd.DataFrame(rows, columns=["part", "kind", "status", "seconds", "output", "error"])
+
+
+@contextmanager
+def _threads_per_kernel(threads: int | None):
+    """Kernels started inside get `threads` torch/OpenMP threads (None: leave the environment as it is)."""
+    names = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    before = {name: os.environ.get(name) for name in names}
+    if threads is not None:
+        os.environ.update({name: str(threads) for name in names})
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _skipped_part(part: NotebookPart) -> dict:
+    row = runner.skipped_row(part.notebook, part.folder, record_dir=part.record_dir, part=part.name)
+    return {"part": row["notebook"], "kind": "notebook", "status": "skipped", "seconds": row["seconds"],
+            "output": row["html"] or row["executed"], "error": None}
 
 
 def check_device(device: str | None, dtype: str | None) -> None:
@@ -193,9 +382,9 @@ def _not_run_notebook(out_dir: Path, part: str, reason: str) -> dict:
 
 
 # -- benchmarks ------------------------------------------------------------------------------------
-def _benchmark_part(benchmark: Benchmark, out_dir: Path, quick: bool, force: bool) -> dict:
+def _benchmark_part(benchmark: Benchmark, out_dir: Path, profile: str, force: bool) -> dict:
     folder = out_dir / BENCHMARKS
-    parameters = {"quick": bool(quick), "out": str(folder.resolve()),
+    parameters = {"profile": profile, "out": str(folder.resolve()),
                   "script_sha256": runner.source_sha256(benchmark.script)}
     row = {"part": benchmark.name, "kind": "benchmark", "output": str(folder / benchmark.outputs[0])}
     if benchmark.needs_cuda and not _cuda_available():
@@ -206,12 +395,12 @@ def _benchmark_part(benchmark: Benchmark, out_dir: Path, quick: bool, force: boo
     if not force and benchmark_finished(benchmark, out_dir, parameters):
         entry = runner.read_run_record(out_dir)["benchmarks"][benchmark.name]
         return row | {"status": "skipped", "seconds": entry.get("seconds"), "error": None}
-    entry = run_benchmark(benchmark, folder, quick) | {"parameters": parameters}
+    entry = run_benchmark(benchmark, folder, profile) | {"parameters": parameters}
     runner.update_run_record(out_dir, "benchmarks", benchmark.name, entry | {"finished_at": _now()})
     return row | {"status": entry["status"], "seconds": entry["seconds"], "error": entry["error"]}
 
 
-def run_benchmark(benchmark: Benchmark, folder: Path, quick: bool) -> dict:
+def run_benchmark(benchmark: Benchmark, folder: Path, profile: str) -> dict:
     """Run one benchmark script into `folder`; its stdout and stderr go to `folder/NAME.log`.
 
     Returns status ("ok"/"failed", or "not run" when the script exits with NOT_RUN: it could not run here, and
@@ -219,7 +408,7 @@ def run_benchmark(benchmark: Benchmark, folder: Path, quick: bool) -> dict:
     """
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / f"{benchmark.name}.log"
-    command = benchmark.command(folder.resolve(), quick)
+    command = benchmark.command(folder.resolve(), profile)
     start = time.perf_counter()
     error = None
     try:
@@ -354,9 +543,7 @@ def write_index(out_dir) -> Path:
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>snapkv reproduction</title>"
             f"<style>{_STYLE}</style></head><body>" + "\n".join(body) + "</body></html>\n")
     path = out_dir / INDEX
-    partial = path.with_name(f".{INDEX}.tmp")
-    partial.write_text(page, encoding="utf-8")
-    partial.replace(path)
+    atomic_write_text(path, page)
     return path
 
 
@@ -397,25 +584,33 @@ def _read_csv(figures: Path, name: str) -> pd.DataFrame | None:
 
 
 def _hit_rate_findings(figures: Path) -> list[Finding]:
+    from snapkv.analysis.observation.metrics import summarize
+
     name = "01_hit_rate_along_generation"
     table = _read_csv(figures, name)
     if table is None:
         return [Finding("hit_rate", "Hit rate: notebook 01 has not written its CSV in this run.", None, name)]
     protocol = "reference" if "reference" in set(table.protocol) else sorted(set(table.protocol))[0]
     table = table[table.protocol == protocol]
-    sums = table.groupby("reference")[["hits", "important", "hits_no_sinks", "important_no_sinks"]].sum()
-    rate = sums.hits / sums.important
-    no_sinks = sums.hits_no_sinks / sums.important_no_sinks
-    others = rate.drop("snapkv", errors="ignore")
-    others_no_sinks = no_sinks.drop("snapkv", errors="ignore")
-    best = f"; best reference set: {others.idxmax()} {others.max():.2f}" if len(others) else ""
-    best_no_sinks = (f"; best reference set: {others_no_sinks.idxmax()} {others_no_sinks.max():.2f}"
-                     if len(others_no_sinks.dropna()) else "")
-    samples = table["sample"].nunique()
-    return [Finding("hit_rate", f"SnapKV hit rate ({protocol} answers, {samples} samples, all layers, heads and answer "
-                                f"tokens pooled): {rate['snapkv']:.2f}{best}", float(rate["snapkv"]), name),
-            Finding("hit_rate_no_sinks", f"SnapKV hit rate without the attention sinks: {no_sinks['snapkv']:.2f}"
-                                         f"{best_no_sinks}", float(no_sinks["snapkv"]), name)]
+    # one hit rate per prompt (all layers, heads and answer tokens pooled), then its mean over prompts with a 95%
+    # bootstrap interval: the prompts are the independent samples
+    sums = table.groupby(["reference", "sample"])[["hits", "important", "hits_no_sinks", "important_no_sinks"]].sum()
+    per_prompt = pd.DataFrame({"with": sums.hits / sums.important,
+                               "without": sums.hits_no_sinks / sums.important_no_sinks}).reset_index()
+    findings = []
+    for key, column, label in (("hit_rate", "with", "SnapKV hit rate"),
+                               ("hit_rate_no_sinks", "without", "SnapKV hit rate without the attention sinks")):
+        summary = summarize(per_prompt, ["reference"], column).set_index("reference")
+        snap, means = summary.loc["snapkv"], summary["mean"].drop("snapkv", errors="ignore").dropna()
+        best = f"; best reference set of the same size: {means.idxmax()} {means.max():.2f}" if len(means) else ""
+        findings.append(Finding(key, f"{label} ({protocol} answers, all layers, heads and answer tokens pooled per "
+                                     f"prompt): {snap['mean']:.2f} {_interval(snap.ci_low, snap.ci_high)}, "
+                                     f"n = {int(snap.samples)} prompts{best}", float(snap["mean"]), name))
+    return findings
+
+
+def _interval(low: float, high: float) -> str:
+    return f"[95% CI {low:.2f}-{high:.2f}]"
 
 
 def _needle_findings(figures: Path) -> list[Finding]:
@@ -428,14 +623,15 @@ def _needle_findings(figures: Path) -> list[Finding]:
     table = table[table.task == "needle"]
     mode = "question-aware" if "question-aware" in set(table["mode"]) else sorted(set(table["mode"]))[0]
     table = table[table["mode"] == mode]
-    retention = retention_table(table, by=("method",), resamples=200)
+    retention = retention_table(table, by=("method",), resamples=1000)
     budgets = sorted(table.budget.dropna().astype(int).unique())
     span = f"budgets {budgets[0]}-{budgets[-1]}" if len(budgets) > 1 else f"budget {budgets[0]}" if budgets else ""
     findings = []
     for row in sorted(retention.itertuples(), key=lambda r: -r.retention if pd.notna(r.retention) else 1):
-        findings.append(Finding(f"needle_{row.method}", f"Needle retention, {row.method} ({mode}, {span}, "
-                                f"{row.prompts} prompts): {row.retention:.0%} of the full cache's score "
-                                f"({row.score:.2f} vs {row.full_score:.2f})", float(row.retention), name))
+        findings.append(Finding(f"needle_{row.method}", f"Needle retention, {row.method} ({mode}, {span}): "
+                                f"{row.retention:.0%} of the full cache's score {_interval(row.ci_low, row.ci_high)}"
+                                f" ({row.score:.2f} vs {row.full_score:.2f}), n = {row.prompts} (prompt, budget) pairs",
+                                float(row.retention), name))
     return findings
 
 
@@ -613,7 +809,7 @@ def _environment_section(record: dict, figures: list[dict], out_dir: Path) -> st
     rows = {
         "models (from figure settings)": ", ".join(models) or "none recorded",
         "model_name passed to notebooks": ", ".join(requested) or "none (each notebook's default)",
-        "quick": parameters.get("quick"),
+        "profile": parameters.get("profile"),
         "versions": ", ".join(f"{k} {v}" for k, v in versions.items() if v),
         "python": record.get("python"),
         "platform": record.get("platform"),

@@ -5,12 +5,12 @@ The interactive HTML works offline: it loads plotly.js from one shared `plotly.m
 reach)."""
 
 import json
-import os
 from pathlib import Path
 
 import pandas as pd
 
 from snapkv.core.environment import environment
+from snapkv.core.files import atomic_path
 
 PLOTLY_JS = "plotly.min.js"
 
@@ -24,10 +24,8 @@ def write_plotly_js(folder) -> Path:
     source = get_plotlyjs().encode("utf-8")
     if path.is_file() and path.stat().st_size == len(source) and path.read_bytes() == source:
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{PLOTLY_JS}.{os.getpid()}.tmp")
-    partial.write_bytes(source)
-    partial.replace(path)
+    with atomic_path(path) as partial:
+        partial.write_bytes(source)
     return path
 
 

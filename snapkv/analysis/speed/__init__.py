@@ -23,13 +23,15 @@ from snapkv.analysis.speed.measure import (
 )
 
 _LAZY = {
-    "tables": ('speed_memory_table', 'configuration_label', 'memory_extrapolation', 'longest_prompt_within'),
+    "tables": ('SpeedSettings', 'speed_memory_table', 'configuration_label', 'memory_extrapolation',
+               'longest_prompt_within'),
     "plots": ('speed_memory_figure',),
 }
 
 __all__ = [
     "MIB", "GIB", "ROW_FIELDS", "WARM_UP_TOKENS", "kv_cache_bytes", "kv_slots", "kv_slots_by_kind",
-    "model_bytes", "prompt_ids", "method_name", "decode_speed", "shared_prefix", "warm_up", "speed_memory_table",
+    "model_bytes", "prompt_ids", "method_name", "decode_speed", "shared_prefix", "warm_up", "SpeedSettings",
+    "speed_memory_table",
     "configuration_label", "memory_extrapolation", "longest_prompt_within", "speed_memory_figure",
 ]
 

@@ -29,6 +29,7 @@ the model's memory, not the analysis libraries'. `snapkv.analysis.speed.tables` 
 """
 
 import contextlib
+import dataclasses
 import statistics
 import time
 
@@ -37,13 +38,17 @@ import torch
 from snapkv.analysis.text import stdlib_source_ids
 from snapkv.core.cache import RaggedLayer
 from snapkv.core.compat import forward, new_cache, prefill
-from snapkv.core.policies import check_int
+from snapkv.core.policies import SnapKV, check_int
 
 MIB = 2**20
 GIB = 2**30
 ROW_FIELDS = ("method", "budget", "batch_size", "prompt_len", "prefill_s", "first_step_s", "decode_ms_per_token",
               "kv_cache_mib", "peak_rss_mib", "chunked", "status")
 WARM_UP_TOKENS = 64
+# SnapKV's settings but its budget: its dataclass defaults (the paper's LongBench setting), what the speed
+# benchmarks (benchmarks/speed_memory.py, gpu_scale.py) run and record
+SNAPKV_SETTINGS = {field.name: field.default for field in dataclasses.fields(SnapKV)
+                   if field.name != "max_capacity_prompt"}
 
 
 # -- small pieces --------------------------------------------------------------------------------------

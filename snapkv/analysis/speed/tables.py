@@ -7,6 +7,8 @@ cache stop fitting" question. Rows follow `benchmarks/speed_memory.py`'s schema,
 """
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -24,12 +26,30 @@ from snapkv.analysis.speed.measure import (
     warm_up,
 )
 from snapkv.core.compat import copy_cache
+from snapkv.core.policies import SnapKV
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    """Notebook 08's grid (paper scale: prompts to the embedded model's 8K context); DEFAULT and QUICK: what the
+    default and quick profiles change (`snapkv.analysis.reporting.setup`). threads: torch CPU threads (None:
+    torch's own)."""
+
+    prompt_lengths: tuple[int, ...] = (1024, 2048, 4096, 8192)
+    budgets: tuple[int, ...] = (256, 512, 1024, 2048)
+    batch_sizes: tuple[int, ...] = (1, 2, 4)
+    decode_tokens: int = 32
+    threads: int | None = None
+    DEFAULT: ClassVar[dict] = dict(prompt_lengths=(1024, 2048, 4096), budgets=(256, 1024), batch_sizes=(1, 2),
+                                   decode_tokens=16)
+    QUICK: ClassVar[dict] = dict(prompt_lengths=(256, 512), budgets=(64, 128), batch_sizes=(1, 2, 4), decode_tokens=6,
+                                 threads=1)
 
 
 def speed_memory_table(model, tokenizer, *, prompt_lengths=(1024, 2048, 4096), budgets=(256, 512, 1024),
-                       batch_sizes=(1, 2, 4), decode_tokens: int = 32, window_size: int = 32, kernel_size: int = 7,
-                       pooling: str = "maxpool", gqa: str = "mean", tail: int | None = None,
-                       progress: bool = True) -> pd.DataFrame:
+                       batch_sizes=(1, 2, 4), decode_tokens: int = 32, window_size: int = SnapKV.window_size,
+                       kernel_size: int = SnapKV.kernel_size, pooling: str = SnapKV.pooling, gqa: str = SnapKV.gqa,
+                       tail: int | None = None, progress: bool = True) -> pd.DataFrame:
     """Full cache vs SnapKV at every budget below the prompt length, for every prompt length and batch size.
 
     Each length's prompt (standard library source) minus its last `tail` tokens (default: window_size) is

@@ -191,7 +191,7 @@ def test_kept_positions_match_what_the_engine_kept(gqa, tmp_path):
 
 @pytest.mark.parametrize("method", ["adakv", "pyramidkv", "chunkkv"])
 def test_successors_kept_positions_match_what_the_engine_kept(method, tmp_path):
-    policy = explorer.EXPLORER_METHODS[method](window_size=8, max_capacity_prompt=24, kernel_size=5)
+    policy = snapkv.method_policy(method, 24, window_size=8, kernel_size=5)
     trace, _, _ = record_tiny(policy)
     trace = Trace.load(trace.save(tmp_path / "trace"))
     for layer in trace.layers:

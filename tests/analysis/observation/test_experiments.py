@@ -29,12 +29,12 @@ def test_run_over_samples_tags_each_table_with_its_sample_then_its_tags():
 
 
 @pytest.mark.parametrize("kind", SETTINGS)
-def test_quick_overrides_name_real_fields_and_shrink_the_run(kind):
+def test_profiles_name_real_fields_and_shrink_the_run(kind):
     names = {field.name for field in fields(kind)}
-    assert set(kind.QUICK) <= names
-    quick, full = resolve_settings(kind, True), kind()
-    assert quick.n_samples < full.n_samples
-    assert resolve_settings(kind, True, n_samples=7).n_samples == 7  # an explicit parameter wins over quick
+    assert set(kind.QUICK) <= names and set(kind.DEFAULT) <= names
+    quick, default, full = (resolve_settings(kind, profile) for profile in ("quick", "default", "full"))
+    assert full == kind() and quick.n_samples < default.n_samples < full.n_samples
+    assert resolve_settings(kind, "quick", n_samples=7).n_samples == 7  # an explicit parameter wins over a profile
 
 
 def test_layer_thirds_labels_each_layer_with_its_span():

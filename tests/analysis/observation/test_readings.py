@@ -54,8 +54,8 @@ def test_hit_rate_reading_uses_the_first_and_last_window_and_the_first_protocol(
         rows += [counts(0.2, protocol=protocol, sample=0, layer=0, window=0, reference=name)
                  for name in ("random", "recency")]
     text = readings.hit_rate_reading(pd.DataFrame(rows), ("reference", "greedy"), "tiny", 1)
-    assert text.startswith("On tiny (1 samples")
-    assert "**reference**: SnapKV hit rate 0.85 (first window 0.90, last 0.80)" in text
+    assert text.startswith("On tiny (n = 1 samples")
+    assert "**reference**: SnapKV hit rate 0.85 [0.85, 0.85] (first window 0.90, last 0.80)" in text
     assert "**greedy**: SnapKV hit rate 0.30" in text
     assert "The headline hit rate is high and stable" in text
     text = readings.hit_rate_reading(pd.DataFrame(rows), ("greedy", "reference"), "tiny", 1)
@@ -107,3 +107,11 @@ def test_voting_variants_reading_lists_settings_in_order_and_the_worst_heads():
     assert "observation window: 8: 0.50, 32: 0.70." in text  # in the order asked, not sorted as strings
     assert "costs 0.10 against one set per query head" in text
     assert "Least predictable heads: L0H1 (0.20), L0H0 (0.90); the median head scores 0.55 (2 heads" in text
+
+
+def test_hit_rate_reading_gives_an_interval_over_the_samples():
+    rows = [counts(rate, protocol="reference", sample=s, layer=0, window=0, reference=name)
+            for s, rate in enumerate((0.6, 0.8, 1.0)) for name in ("snapkv", "random")]
+    text = readings.hit_rate_reading(pd.DataFrame(rows), ("reference",), "tiny", 3)
+    low, high = (float(x) for x in text.split("SnapKV hit rate 0.80 [")[1].split("]")[0].split(", "))
+    assert 0.6 <= low < 0.8 < high <= 1.0

@@ -69,6 +69,24 @@ def sweep_rows(scores: dict, full: list) -> tuple[pd.DataFrame, list]:
     return pd.DataFrame(rows), methods
 
 
+def test_candidates_are_the_registered_snapkv_method(monkeypatch):
+    from snapkv.core import registry
+
+    @dataclasses.dataclass(frozen=True)
+    class TunedSnapKV(snapkv.SnapKV):
+        pass
+
+    monkeypatch.setitem(registry._METHODS, "snapkv", lambda budget, window_size, kernel_size: TunedSnapKV(
+        window_size=window_size, max_capacity_prompt=budget, kernel_size=kernel_size))
+    methods = calibration.candidates(TINY, 64)
+    assert [type(m.policy) for m in methods[1:]] == [TunedSnapKV] * 4
+    assert {(m.policy.kernel_size, m.policy.gqa) for m in methods[1:]} == {(1, "mean"), (1, "max"), (5, "mean"),
+                                                                          (5, "max")}
+    monkeypatch.setitem(registry._METHODS, "snapkv", lambda budget, window_size, kernel_size: snapkv.H2O())
+    with pytest.raises(TypeError, match="register 'snapkv' as a SnapKV"):
+        calibration.candidates(TINY, 64)
+
+
 def test_candidate_table_ranks_on_what_the_full_cache_answers():
     # kernel 5 wins the prompt the full cache fails (it does not count); kernel 15 wins the answered ones
     sweep, methods = sweep_rows({5: [(1, 1, 0.2), (0, 0.5, 0.1), (1, 1, 0.9)], 15: [(1, 1, 0.6), (1, 1, 0.5),

@@ -42,8 +42,9 @@ def test_sweep_grid_runs_every_kernel_and_budget_at_the_main_window_and_a_subset
     assert {m.policy.kernel_size for m in tasks[1:] if m.policy.window_size == 16} == set(settings.task_kernel_sizes)
 
 
-def test_default_and_quick_settings_pass_their_checks():
+def test_every_profile_passes_the_checks():
     cw.check_settings(cw.ClusterWidthSettings())
+    cw.check_settings(cw.ClusterWidthSettings(**cw.ClusterWidthSettings.DEFAULT))
     cw.check_settings(cw.ClusterWidthSettings(**cw.ClusterWidthSettings.QUICK))
 
 

@@ -15,8 +15,9 @@ from snapkv.analysis.quality.runner import answers_with_shared_prefill
 from snapkv.analysis.reporting.setup import resolve_settings
 
 
-def test_settings_and_their_quick_values_are_checked():
-    assert resolve_settings(packs.PackSettings, True).lengths == packs.PackSettings.QUICK["lengths"]
+def test_settings_and_their_profiles_are_checked():
+    assert resolve_settings(packs.PackSettings, "quick").lengths == packs.PackSettings.QUICK["lengths"]
+    assert resolve_settings(packs.PackSettings, "default").lengths == packs.PackSettings.DEFAULT["lengths"]
     assert packs.PackSettings().policy == snapkv.SnapKV(window_size=16, max_capacity_prompt=512, kernel_size=5)
     with pytest.raises(ValueError, match="lengths is empty"):
         packs.PackSettings(lengths=())

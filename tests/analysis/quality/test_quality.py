@@ -413,8 +413,9 @@ def test_cli_needle_and_tasks_write_their_outputs(tmp_path, monkeypatch):
     real_grid = quality.method_grid
     monkeypatch.setattr(quality, "method_grid", lambda *a, **k: grids.append(real_grid(*a, **k)) or grids[-1])
     out = tmp_path / "needle"
-    assert cli.main(["needle", "--lengths", "300", "--depths", "0,1", "--methods", "full,snapkv", "--budgets", "64",
-                     "--haystack", str(haystack), "--out", str(out), "--window-size", "24", "--kernel-size", "3"]) == 0
+    assert cli.main(["needle", "--lengths", "300", "--depths", "0,1", "--samples", "1", "--methods", "full,snapkv",
+                     "--budgets", "64", "--haystack", str(haystack), "--out", str(out), "--window-size", "24",
+                     "--kernel-size", "3"]) == 0
     snap = grids[-1][-1].policy
     assert (snap.window_size, snap.kernel_size) == (24, 3)
     for kind in ("png", "html", "csv", "json"):

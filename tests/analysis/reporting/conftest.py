@@ -1,4 +1,4 @@
-"""The main job in quick mode, run once per test session and shared by the tests that check its output
+"""The main job in the quick profile, run once per test session and shared by the tests that check its output
 (tests/analysis/reporting/test_notebooks.py and test_browser.py)."""
 
 import os
@@ -14,7 +14,7 @@ QUICK_REPORTS = REPO / "reports" / "test-quick"
 
 @pytest.fixture(scope="session")
 def quick_run():
-    """(out_dir, parts): `reproduce(out_dir, quick=True)` run once per session into reports/test-quick (or
+    """(out_dir, parts): `reproduce(out_dir, profile="quick")` run once per session into reports/test-quick (or
     $SNAPKV_TEST_REPORTS), every part rerun; parts is reproduce's DataFrame, one row per part.
     SNAPKV_TEST_REPORTS=DIR SNAPKV_TEST_REUSE=1 checks the run already in DIR instead (parts from its run record)."""
     import pandas as pd
@@ -31,5 +31,5 @@ def quick_run():
         return out, pd.DataFrame(parts)
     if not chosen and out.exists():
         shutil.rmtree(out)  # the test's own folder: nothing of an earlier session may pass for this one's output
-    parts = reproduce(out, notebook_dir=REPO / "notebooks", quick=True, force=True, progress=False)
+    parts = reproduce(out, notebook_dir=REPO / "notebooks", profile="quick", force=True, progress=False)
     return out, parts

@@ -1,4 +1,4 @@
-"""The main job end to end in quick mode: every notebook and the CPU benchmark, then the index page."""
+"""The main job end to end in the quick profile: every notebook and the CPU benchmark, then the index page."""
 
 import json
 
@@ -21,11 +21,11 @@ ACROSS_MODELS = ("12_hit_rate_by_depth", "12_needle_by_model", "12_suite_by_mode
 
 
 def test_reproduce_quick_end_to_end(quick_run):
-    tmp_path, runs = quick_run  # reproduce(..., quick=True), once per session (conftest.py)
+    tmp_path, runs = quick_run  # reproduce(..., profile="quick"), once per session (conftest.py)
     runs = runs.set_index("part")
-    waiting = runs.status == "not run"  # the GPU benchmark without CUDA; the peer benchmark in quick mode
+    waiting = runs.status == "not run"  # the GPU benchmark without CUDA; the peer benchmark outside the full profile
     assert sorted(runs.index[waiting]) == ["gpu_scale", "peers"], runs[["status", "error"]].to_string()
-    assert "quick mode does not install the peer" in runs.error["peers"]
+    assert "profiles do not install the peer" in runs.error["peers"]
     assert (runs.status[~waiting] == "ok").all(), runs[["status", "error"]].to_string()
     figures = tmp_path / "figures"
     for name in FIGURES:
@@ -41,6 +41,8 @@ def test_reproduce_quick_end_to_end(quick_run):
     assert {"hit_rate", "hit_rate_no_sinks", "decode_speedup", "memory"} <= {f.key for f in findings}
     assert any(f.key.startswith("needle_") for f in findings)
     assert all(f.value is not None for f in findings), [f.text for f in findings if f.value is None]
+    for finding in findings:  # a headline carries its n and its interval (the speed rows: one measurement each)
+        assert finding.key in ("decode_speedup", "memory") or ("95% CI" in finding.text and "n = " in finding.text)
     assert index.index("id='findings'") < index.index("<table")
     # offline: one shared plotly.js beside the figures, no CDN in any page the run writes
     assert (figures / "plotly.min.js").stat().st_size > 1_000_000

