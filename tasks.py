@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Bootstrap and run the project with nothing but Python 3.11+ (standard library only).
 
-    python3 tasks.py reproduce [snapkv reproduce args...]   run every notebook; outputs in reports/
+    python3 tasks.py reproduce [snapkv reproduce args...]   every notebook and figure into reports/ (the default
+                                                            profile; --full: paper scale, --quick: a smoke run)
     python3 tasks.py test [pytest args...]                  run the tests (default: the whole suite, -q)
     python3 tasks.py lab [jupyter lab args...]              open the notebooks in JupyterLab, in .venv
 

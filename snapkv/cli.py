@@ -14,10 +14,12 @@ def add_reproduce_command(subparsers) -> None:
     parser = subparsers.add_parser(
         "reproduce",
         help="run every notebook and benchmark, write their outputs and one index.html",
-        description="Execute every notebook (sorted by name) with papermill; notebooks 01, 03, 06 and 07 again on "
-        "gemma-3-270m into --out/models/gemma-3-270m/ (when its wheels are installed and --model is not given); then "
-        "12_across_models, which compares the two; then every benchmark script of the benchmarks/ folder next to the "
-        "notebooks; write NAME.ipynb, NAME.html, figures/, benchmarks/ and "
+        description="Execute every notebook (sorted by name) with papermill, in the default profile (every figure, "
+        "sample counts sized for each headline's precision), --full (paper scale) or --quick (a smoke run); notebooks "
+        "01, 03, 06 and 07 again on gemma-3-270m into --out/models/gemma-3-270m/ (when its wheels are installed and "
+        "--model is not given); then 12_across_models, which compares the two; then every benchmark script of the "
+        "benchmarks/ folder next to the notebooks. Before it starts it prints each part's expected minutes on a 2-core "
+        "CPU; notebooks run --workers at a time. It writes NAME.ipynb, NAME.html, figures/, benchmarks/ and "
         "index.html (every figure, its data, settings and the environment) under --out. Parts that finished "
         "earlier with the same parameters are skipped (--force reruns them); a failing part is reported on the "
         "page and in the exit code (1) without stopping the others.",

@@ -76,8 +76,8 @@ class ClusterWidthSettings:
     answer_tokens: int = 128  # reference answer tokens (teacher-forced) whose attention the votes must predict
     top_k: float = 0.05  # notebook 01's voted set: this fraction of the prompt
     threshold: float = 0.05
-    DEFAULT: ClassVar[dict] = dict(kernel_sizes=(1, 5, 15, 31), budgets=(128, 512), other_window_sizes=(32,),
-                                   other_kernel_sizes=(5, 31), other_budgets=(256,), needle_samples=1,
+    DEFAULT: ClassVar[dict] = dict(kernel_sizes=(1, 5, 31), budgets=(128, 512), other_window_sizes=(32,),
+                                   other_kernel_sizes=(5, 31), other_budgets=(256,), needle_samples=2,
                                    task_samples=2, task_kernel_sizes=(5, 31), hit_rate_samples=2)
     QUICK: ClassVar[dict] = dict(kernel_sizes=(5, 31), budgets=(128,), other_window_sizes=(32,),
                                  other_kernel_sizes=(5,), other_budgets=(128,), needle_lengths=(512,),

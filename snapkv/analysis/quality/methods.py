@@ -107,7 +107,7 @@ class NeedleSettings:
     window_size: int = WINDOW_SIZE
     kernel_size: int = KERNEL_SIZE
     calibrated: bool = True  # also "snapkv-calibrated": `snapkv.calibrate`'s SnapKV at every budget (cached per model)
-    DEFAULT: ClassVar[dict] = dict(lengths=DEFAULT_PROFILE_LENGTHS, depths=(0.0, 0.25, 0.5, 0.75, 1.0), samples=2,
+    DEFAULT: ClassVar[dict] = dict(lengths=DEFAULT_PROFILE_LENGTHS, depths=(0.0, 0.25, 0.5, 0.75, 1.0), samples=1,
                                    methods=FINDING_METHODS, budgets=DEFAULT_PROFILE_BUDGETS)
     QUICK: ClassVar[dict] = dict(lengths=QUICK_LENGTHS, depths=(0.0, 0.5, 1.0), budgets=QUICK_BUDGETS,
                                  methods=(*QUICK_METHODS, *ABLATION_METHODS), ablation_budgets=QUICK_BUDGETS,
@@ -134,7 +134,7 @@ class TaskSettings:
     window_size: int = WINDOW_SIZE
     kernel_size: int = KERNEL_SIZE
     calibrated: bool = True  # also "snapkv-calibrated" (see NeedleSettings)
-    DEFAULT: ClassVar[dict] = dict(tasks=("single_key", "multi_key"), lengths=DEFAULT_PROFILE_LENGTHS, samples=3,
+    DEFAULT: ClassVar[dict] = dict(tasks=("single_key", "multi_key"), lengths=DEFAULT_PROFILE_LENGTHS, samples=2,
                                    methods=FINDING_METHODS, budgets=DEFAULT_PROFILE_BUDGETS, calibration_samples=2)
     QUICK: ClassVar[dict] = dict(tasks=("single_key",), lengths=QUICK_LENGTHS, samples=1, methods=QUICK_METHODS,
                                  budgets=QUICK_BUDGETS, calibration_samples=1, calibrated=False)

@@ -563,19 +563,83 @@ class Finding:
 
 
 def headline_findings(out_dir) -> list[Finding]:
-    """The run's headline numbers from `<out>/figures/*.csv`: SnapKV's hit rate with and without the attention
-    sinks (01), needle retention per method relative to the full cache (06), decode speed-up and memory at the
-    longest prompt (08). A finding whose CSV is missing or unreadable says so instead of a number."""
+    """The run's headline numbers from `<out>/figures/*.csv`, each with its n and a 95% bootstrap interval over
+    the prompts: SnapKV's hit rate with and without the attention sinks (01; also on every second model of the
+    run, from `<out>/models/NAME/figures`), the overlap of two questions' voted sets (03), needle retention per
+    method relative to the full cache (06), suite accuracy at the largest budget (07), needle accuracy of the
+    paper's kernel against the widest (10), decode speed-up and memory at the longest prompt (08; one measurement
+    each). A finding whose CSV is missing or unreadable says so instead of a number."""
     figures = Path(out_dir) / FIGURES
     findings = []
-    for compute in (_hit_rate_findings, _needle_findings, _speed_findings):
+    computations = [(compute, figures) for compute in (_hit_rate_findings, _overlap_findings, _needle_findings,
+                                                       _suite_findings, _cluster_width_findings, _speed_findings)]
+    computations += [(_hit_rate_findings, folder / FIGURES) for folder in sorted((Path(out_dir) / MODELS).glob("*"))
+                     if (folder / FIGURES / "01_hit_rate_along_generation.csv").is_file()]
+    for compute, folder in computations:
         try:
-            findings += compute(figures)
+            found = compute(folder)
         except Exception as error:  # noqa: BLE001 (one unreadable CSV must not cost the page)
             name = compute.__name__.removeprefix("_").removesuffix("_findings")
-            findings.append(Finding(name, f"{name}: could not be computed ({type(error).__name__}: {error})",
-                                    None, ""))
+            found = [Finding(name, f"{name}: could not be computed ({type(error).__name__}: {error})", None, "")]
+        if folder != figures:  # a second model's: say which, and keep keys apart
+            found = [Finding(f"{folder.parent.name}_{f.key}", f"{folder.parent.name}: {f.text}", f.value,
+                             f"{MODELS}/{folder.parent.name}/{FIGURES}/{f.figure}") for f in found]
+        findings += found
     return findings
+
+
+def _mean_finding(key: str, label: str, values: pd.DataFrame, column: str, unit: str, figure: str) -> Finding:
+    """`label`: the mean of `column` over the rows of `values` (one per independent unit, e.g. a prompt), with a
+    95% bootstrap interval and n."""
+    from snapkv.analysis.observation.metrics import summarize
+
+    summary = summarize(values.assign(all=0), ["all"], column).iloc[0]
+    return Finding(key, f"{label}: {summary['mean']:.2f} {_interval(summary.ci_low, summary.ci_high)}, "
+                        f"n = {int(summary.samples)} {unit}", float(summary["mean"]), figure)
+
+
+def _overlap_findings(figures: Path) -> list[Finding]:
+    name = "03_questions_same_document"
+    table = _read_csv(figures, name)
+    if table is None:
+        return [Finding("overlap", "Question overlap: notebook 03 has not written its CSV in this run.", None, name)]
+    snap = table[table.reference == "snapkv"]
+    per_document = snap.groupby("sample", as_index=False)[["overlap", "chance"]].mean()
+    finding = _mean_finding("overlap", "Share of voted positions two questions on one document have in common "
+                            "(all layers)", per_document, "overlap", "documents", name)
+    return [Finding(finding.key, f"{finding.text}; chance {per_document.chance.mean():.2f}", finding.value, name)]
+
+
+def _suite_findings(figures: Path) -> list[Finding]:
+    name = "07_task_suite"
+    table = _read_csv(figures, name)
+    if table is None:
+        return [Finding("suite", "Task suite: notebook 07 has not written its CSV in this run.", None, name)]
+    table = table[table["mode"] == "question-aware"]
+    largest = table.budget.max()
+    findings = []
+    for method, rows in table[table.budget.isna() | (table.budget == largest)].groupby("method"):
+        where = "full cache" if method == "full" else f"{method} at budget {int(largest)}"
+        findings.append(_mean_finding(f"suite_{method}", f"Task-suite accuracy, {where} (question-aware, tasks the "
+                                      "full cache solves)", rows, "score", "prompts", name))
+    return sorted(findings, key=lambda f: -f.value)
+
+
+def _cluster_width_findings(figures: Path) -> list[Finding]:
+    name = "10_cluster_width"
+    table = _read_csv(figures, name)
+    if table is None:
+        return [Finding("cluster_width", "Cluster width: notebook 10 has not written its CSV in this run.", None,
+                        name)]
+    needle = table[(table.task == "needle") & (table.method != "full")]
+    main = needle[needle.window_size == needle.window_size.min()]
+    budget = main.budget.min()
+    kernels = sorted(main.kernel_size.dropna().astype(int).unique())
+    chosen = [k for k in (5, kernels[-1]) if k in kernels]
+    return [_mean_finding(f"cluster_width_k{kernel}", f"Needle accuracy of SnapKV with pooling kernel {kernel} at "
+                          f"budget {int(budget)} (window {int(main.window_size.min())})",
+                          main[(main.kernel_size == kernel) & (main.budget == budget)], "score", "prompts", name)
+            for kernel in dict.fromkeys(chosen)]
 
 
 def _read_csv(figures: Path, name: str) -> pd.DataFrame | None:
@@ -663,8 +727,12 @@ def _speed_findings(figures: Path) -> list[Finding]:
 def _findings_section(findings: list[Finding]) -> str:
     items = []
     for finding in findings:
-        link = (f" (<a href='#figure-{_anchor(finding.figure)}'>figure</a>, "
-                f"<a href='{FIGURES}/{html.escape(finding.figure)}.html'>interactive</a>)") if finding.figure else ""
+        link = ""
+        if "/" in finding.figure:  # a second model's figure: its own folder
+            link = f" (<a href='{html.escape(finding.figure)}.html'>interactive</a>)"
+        elif finding.figure:
+            link = (f" (<a href='#figure-{_anchor(finding.figure)}'>figure</a>, "
+                    f"<a href='{FIGURES}/{html.escape(finding.figure)}.html'>interactive</a>)")
         css = "" if finding.value is not None else " class='missing'"
         items.append(f"<li id='finding-{_anchor(finding.key)}'{css}>{html.escape(finding.text)}{link}</li>")
     return ("<h2 id='findings'>Headline findings of this run</h2><p>Computed from the figures' CSVs.</p><ul>"

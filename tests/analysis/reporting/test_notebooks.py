@@ -13,7 +13,7 @@ OBSERVATION = ("01_hit_rate_along_generation", "01_observation_metrics", "01_sen
                "03_questions_same_document", "04_question_position", "05_heads", "05_voting_variants")
 FIGURES = ("00_quickstart", *OBSERVATION, "06_needle", "06_needle_pooling", "06_needle_tokens", "07_task_calibration",
            "07_task_suite", "08_speed_memory", "09_explorer", "10_cluster_width", "10_cluster_width_tokens",
-           "10_cluster_width_hit_rate", "11_kv_packs_speed", "11_kv_packs_quality")  # every figure of the full run
+           "10_cluster_width_hit_rate", "11_kv_packs_speed", "11_kv_packs_quality", "13_your_policy")  # every figure
 SECOND_MODEL = "gemma-3-270m"  # its pass: notebooks 01, 03, 06, 07 into models/gemma-3-270m/ (reproduce.MODEL_PASSES)
 SECOND_MODEL_FIGURES = ("01_hit_rate_along_generation", "01_observation_metrics", "01_sensitivity",
                         "03_questions_same_document", "06_needle")  # 07's suite needs groups the full cache solves

@@ -317,8 +317,36 @@ def test_missing_csvs_are_said_not_guessed(tmp_path):
     from snapkv.analysis.reporting.reproduce import headline_findings
 
     findings = headline_findings(tmp_path)
-    assert [f.value for f in findings] == [None, None, None]
+    assert [f.value for f in findings] == [None] * 6
     assert all("has not written its CSV" in f.text for f in findings)
+
+
+def test_findings_of_03_07_10_and_a_second_model_carry_n_and_an_interval(tmp_path):
+    from snapkv.analysis.reporting.reproduce import headline_findings
+
+    out = tmp_path / "reports"
+    write_finding_csvs(out / "figures")
+    write_finding_csvs(out / "models" / "other-model" / "figures")
+    overlap = [dict(layer=0, pair="0-1", reference=r, overlap=v, chance=0.05, sample=s)
+               for s, v in enumerate((0.6, 0.7, 0.8)) for r in ("snapkv", "random") if r == "snapkv" or v == 0.6]
+    pd.DataFrame(overlap).to_csv(out / "figures" / "03_questions_same_document.csv", index=False)
+    suite = [dict(mode=mode, task="single_key", method=m, budget=b, sample=s, score=float(s < k))
+             for mode in ("question-aware", "question-agnostic") for s in range(4)
+             for m, b, k in (("full", None, 4), ("snapkv", 64, 2), ("snapkv", 128, 3))]
+    pd.DataFrame(suite).to_csv(out / "figures" / "07_task_suite.csv", index=False)
+    width = [dict(task="needle", method=f"snapkv-w16-k{k}", window_size=16, kernel_size=k, budget=64, sample=s,
+                  score=float(s < hits)) for s in range(4) for k, hits in ((5, 1), (31, 4))]
+    pd.DataFrame(width).to_csv(out / "figures" / "10_cluster_width.csv", index=False)
+    findings = {f.key: f for f in headline_findings(out)}
+    assert findings["overlap"].value == pytest.approx(0.7) and "n = 3 documents; chance 0.05" in findings["overlap"].text
+    low, high = (float(x) for x in findings["overlap"].text.split("95% CI ")[1].split("]")[0].split("-"))
+    assert 0.6 <= low < 0.7 < high <= 0.8
+    assert findings["suite_snapkv"].value == pytest.approx(0.75) and "budget 128" in findings["suite_snapkv"].text
+    assert findings["suite_full"].value == 1 and "n = 4 prompts" in findings["suite_full"].text
+    assert findings["cluster_width_k5"].value == 0.25 and findings["cluster_width_k31"].value == 1
+    second = findings["other-model_hit_rate"]
+    assert second.text.startswith("other-model: SnapKV hit rate") and second.value == pytest.approx(0.9)
+    assert "models/other-model/figures/01_hit_rate_along_generation.html" in write_index(out).read_text()
 
 
 def test_exported_notebook_pages_load_nothing_from_the_network(tmp_path):
