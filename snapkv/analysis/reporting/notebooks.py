@@ -13,12 +13,12 @@ and ``snapkv reproduce`` skip finished notebooks.
 """
 
 import datetime
+import fcntl
 import hashlib
 import json
 import os
 import platform
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -345,12 +345,15 @@ def read_run_record(out_dir) -> dict:
 def update_run_record(out_dir, kind: str, name: str, entry: dict, parameters: dict | None = None) -> dict:
     """Replace the ``kind`` ("notebooks" or "benchmarks") entry ``name`` in the run record, refresh the
     environment, and write the file atomically. Entries of other parts are kept; notebooks running side by side
-    (threads of `snapkv reproduce`) update it one at a time."""
-    with _RECORD_LOCK:
-        return _update_run_record(Path(out_dir), kind, name, entry, parameters)
-
-
-_RECORD_LOCK = threading.Lock()
+    (worker processes of `snapkv reproduce`) update it one at a time, under a lock file beside it."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / f".{RUN_RECORD}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return _update_run_record(out_dir, kind, name, entry, parameters)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _update_run_record(out_dir: Path, kind: str, name: str, entry: dict, parameters: dict | None) -> dict:

@@ -19,12 +19,13 @@ from the JSON files `save_result` writes to `<out>/figures` at the end of every 
 import datetime
 import html
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,8 +117,8 @@ def reproduce(out_dir="reports", *, notebook_dir="notebooks", profile: str = "de
     check_device(device, dtype)
     check_profile(profile)
     workers = default_workers(device) if workers is None else check_int("workers", workers, 1)
-    out_dir = Path(out_dir)
-    notebooks = runner.find_notebooks(notebook_dir)
+    out_dir = Path(out_dir).resolve()  # absolute: every part and the page read it whatever their working folder
+    notebooks = [notebook.resolve() for notebook in runner.find_notebooks(notebook_dir)]
     kernel_name = kernel_name or runner.DEFAULT_KERNEL
     runner.check_kernel(kernel_name)
     if benchmarks is None:
@@ -211,9 +212,10 @@ def default_workers(device: str | None = None) -> int:
 
 def run_parts(parts: list[NotebookPart], workers: int, expected: dict, *, kernel_name: str,
               execution_timeout: float | None, progress: bool = True) -> list[dict]:
-    """Run `parts` on `workers` threads (each drives one Jupyter kernel), longest expected first among those whose
-    `after` parts are done, with one progress bar for the whole run and one per running part (expected seconds
-    as their totals, so each shows an ETA). Returns one row per part."""
+    """Run `parts`, `workers` at a time, longest expected first among those whose `after` parts are done, with one
+    progress bar for the whole run and one per running part (expected seconds as their totals, so each shows an
+    ETA). Each notebook runs in a worker process of its own (papermill changes the process's working directory
+    while it runs a notebook, so two cannot share one process). Returns one row per part."""
     rows, done, running = [], set(), {}
     pending = sorted(parts, key=lambda part: -expected.get(part.name, UNKNOWN_SECONDS))
     names = {part.name for part in parts}
@@ -228,11 +230,14 @@ def run_parts(parts: list[NotebookPart], workers: int, expected: dict, *, kernel
     def run(part, slot):
         guess = expected.get(part.name, UNKNOWN_SECONDS)
         with _ticking_bar(part.name, guess, slot, progress):
-            row = runner.run_notebook(part.notebook, part.folder, part.parameters, kernel_name,
-                                      execution_timeout=execution_timeout, record_dir=part.record_dir, part=part.name)
+            row = processes.submit(runner.run_notebook, part.notebook, part.folder, part.parameters, kernel_name,
+                                   execution_timeout=execution_timeout, record_dir=part.record_dir,
+                                   part=part.name).result()
         return row, guess
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no thread or lock of this one is copied
+    with ProcessPoolExecutor(max_workers=workers, mp_context=spawn) as processes, \
+            ThreadPoolExecutor(max_workers=workers) as pool:
         while pending or running:
             while pending and slots:
                 part = next((p for p in pending if ready(p)), None)

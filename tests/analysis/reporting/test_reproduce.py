@@ -443,12 +443,14 @@ Path(reports_dir, {name!r} + ".times").write_text(json.dumps([start, time.time()
 """
 
 
-def test_workers_run_notebooks_side_by_side_in_dependency_order(folders, capsys):
+def test_workers_run_notebooks_side_by_side_in_dependency_order(folders, tmp_path, monkeypatch, capsys):
     notebooks, out = folders
     for name, sleep in (("05_other", 3), ("06_needle", 1.5), ("07_task_suite", 0.1), ("12_across_models", 0.1)):
         write_notebook(notebooks / f"{name}.ipynb", STAMP.format(name=name, sleep=sleep))
+    monkeypatch.chdir(tmp_path)  # relative folders, as `snapkv reproduce` gets them by default
     # a model chosen: no second-model pass of 06/07 (their stems are those of MODEL_PASSES)
-    parts = reproduce(out, notebook_dir=notebooks, benchmarks=[], workers=2, model_name="dummy", progress=True)
+    parts = reproduce("reports", notebook_dir="notebooks", benchmarks=[], workers=2, model_name="dummy",
+                      progress=True)
     assert parts.part.tolist() == ["05_other.ipynb", "06_needle.ipynb", "07_task_suite.ipynb",
                                    "12_across_models.ipynb"] and (parts.status == "ok").all()
     times = {name: json.loads((out / f"{name}.times").read_text())
