@@ -17,6 +17,7 @@ from the JSON files `save_result` writes to `<out>/figures` at the end of every 
 """
 
 import datetime
+import functools
 import html
 import json
 import multiprocessing
@@ -214,8 +215,8 @@ def run_parts(parts: list[NotebookPart], workers: int, expected: dict, *, kernel
               execution_timeout: float | None, progress: bool = True) -> list[dict]:
     """Run `parts`, `workers` at a time, longest expected first among those whose `after` parts are done, with one
     progress bar for the whole run and one per running part (expected seconds as their totals, so each shows an
-    ETA). Each notebook runs in a worker process of its own (papermill changes the process's working directory
-    while it runs a notebook, so two cannot share one process). Returns one row per part."""
+    ETA). With several workers each notebook runs in a worker process (papermill changes the process's working
+    directory while it runs a notebook, so two cannot share one process). Returns one row per part."""
     rows, done, running = [], set(), {}
     pending = sorted(parts, key=lambda part: -expected.get(part.name, UNKNOWN_SECONDS))
     names = {part.name for part in parts}
@@ -227,14 +228,27 @@ def run_parts(parts: list[NotebookPart], workers: int, expected: dict, *, kernel
     def ready(part):
         return all(name in done or name not in names for name in part.after)
 
-    def run(part, slot):
+    def run(part, slot, run_notebook):
         guess = expected.get(part.name, UNKNOWN_SECONDS)
         with _ticking_bar(part.name, guess, slot, progress):
-            row = processes.submit(runner.run_notebook, part.notebook, part.folder, part.parameters, kernel_name,
-                                   execution_timeout=execution_timeout, record_dir=part.record_dir,
-                                   part=part.name).result()
+            row = run_notebook(part.notebook, part.folder, part.parameters, kernel_name,
+                               execution_timeout=execution_timeout, record_dir=part.record_dir, part=part.name)
         return row, guess
 
+    def finish(part, row, guess):
+        done.add(part.name)
+        bar.update(round(guess))
+        rows.append({"part": row["notebook"], "kind": "notebook", "status": row["status"], "seconds": row["seconds"],
+                     "output": row["html"] or row["executed"], "error": row["error"]})
+        if progress:
+            tqdm.write(f"{row['status']:>6}  {part.name}  {row['seconds']:.0f} s (expected {guess:.0f} s)")
+
+    if workers == 1:  # one at a time, in the parts' own order (which honours `after`), without worker processes
+        for part in parts:
+            row, guess = run(part, 1, runner.run_notebook)
+            finish(part, row, guess)
+        bar.close()
+        return rows
     spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: no thread or lock of this one is copied
     with ProcessPoolExecutor(max_workers=workers, mp_context=spawn) as processes, \
             ThreadPoolExecutor(max_workers=workers) as pool:
@@ -245,20 +259,20 @@ def run_parts(parts: list[NotebookPart], workers: int, expected: dict, *, kernel
                     break
                 pending.remove(part)
                 slot = slots.pop(0)
-                running[pool.submit(run, part, slot)] = (part, slot)
+                in_process = functools.partial(_submitted, processes)
+                running[pool.submit(run, part, slot, in_process)] = (part, slot)
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 part, slot = running.pop(future)
-                row, guess = future.result()
                 slots.append(slot)
-                done.add(part.name)
-                bar.update(round(guess))
-                rows.append({"part": row["notebook"], "kind": "notebook", "status": row["status"], "seconds":
-                             row["seconds"], "output": row["html"] or row["executed"], "error": row["error"]})
-                if progress:
-                    tqdm.write(f"{row['status']:>6}  {part.name}  {row['seconds']:.0f} s (expected {guess:.0f} s)")
+                finish(part, *future.result())
     bar.close()
     return rows
+
+
+def _submitted(processes: ProcessPoolExecutor, *args, **kwargs) -> dict:
+    """`runner.run_notebook(*args, **kwargs)` in one of `processes`, waited for."""
+    return processes.submit(runner.run_notebook, *args, **kwargs).result()
 
 
 UNKNOWN_SECONDS = 60.0  # a part with no measured time counts as one minute in the plan and the progress bar

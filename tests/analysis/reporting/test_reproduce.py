@@ -62,6 +62,15 @@ raise SystemExit("benchmark exploded")
 """
 
 
+@pytest.fixture(autouse=True)
+def one_worker(monkeypatch):
+    """These dummy notebooks run one at a time, in this process (no worker processes to start); the tests of
+    workers side by side say so with `workers=`."""
+    from snapkv.analysis.reporting import reproduce as module
+
+    monkeypatch.setattr(module, "default_workers", lambda device=None: 1)
+
+
 @pytest.fixture
 def folders(tmp_path):
     notebooks = tmp_path / "notebooks"
@@ -338,7 +347,8 @@ def test_findings_of_03_07_10_and_a_second_model_carry_n_and_an_interval(tmp_pat
                   score=float(s < hits)) for s in range(4) for k, hits in ((5, 1), (31, 4))]
     pd.DataFrame(width).to_csv(out / "figures" / "10_cluster_width.csv", index=False)
     findings = {f.key: f for f in headline_findings(out)}
-    assert findings["overlap"].value == pytest.approx(0.7) and "n = 3 documents; chance 0.05" in findings["overlap"].text
+    assert findings["overlap"].value == pytest.approx(0.7)
+    assert "n = 3 documents; chance 0.05" in findings["overlap"].text
     low, high = (float(x) for x in findings["overlap"].text.split("95% CI ")[1].split("]")[0].split("-"))
     assert 0.6 <= low < 0.7 < high <= 0.8
     assert findings["suite_snapkv"].value == pytest.approx(0.75) and "budget 128" in findings["suite_snapkv"].text
