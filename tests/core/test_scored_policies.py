@@ -77,6 +77,27 @@ def test_small_keys_keeps_the_window_and_the_smallest_keys_per_head():
         assert torch.equal(stored, keys.gather(2, kept[..., None].expand(-1, -1, -1, keys.shape[-1])))
 
 
+@pytest.mark.slow
+def test_small_keys_on_the_embedded_model_keeps_the_window_and_the_smallest_keys(smollm):
+    from snapkv.analysis.text import cut_to_tokens, module_source
+
+    model, tokenizer = smollm
+    text = cut_to_tokens(module_source("textwrap"), tokenizer, 300)  # no repeated text: no near-tied norms
+    messages = [{"role": "user", "content": f"{text}\n\nWhat does this module do?"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = ids["input_ids"]
+    n, budget, window = ids.shape[1], 96, 16
+    full = prefilled_cache(model, ids)
+    with snapkv.compress(model, SmallKeys(max_capacity_prompt=budget, window_size=window)) as session:
+        out = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert len(session.kept_positions) == model.config.num_hidden_layers and out.shape[1] > n
+    for layer, kept in session.kept_positions.items():
+        norms = full.layers[layer].keys.float().norm(dim=-1)[0, :, : n - window]  # (kv_heads, prefix)
+        for head in range(norms.shape[0]):
+            smallest = set(norms[head].argsort()[: budget - window].tolist())
+            assert kept[0, head].tolist() == sorted(smallest | set(range(n - window, n)))
+
+
 def test_a_score_of_the_wrong_shape_is_refused():
     @dataclass(frozen=True)
     class Flat(snapkv.ScoredPolicy):
