@@ -42,6 +42,18 @@ def tiny_model(family: str = "llama", seed: int = 0):
     return model.eval()
 
 
+def prompt_ids(batch: int = 2, length: int = 60, seed: int = 0) -> torch.Tensor:
+    """Random token ids (batch, length) the tiny models accept, reproducible by `seed`."""
+    return torch.randint(1, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def greedy(model, ids, steps: int = 6, **kwargs):
+    """`steps` greedy tokens: (sequences, the logits of every step (batch, steps, vocab))."""
+    out = model.generate(ids, max_new_tokens=steps, do_sample=False, output_scores=True,
+                         return_dict_in_generate=True, **kwargs)
+    return out.sequences, torch.stack(out.scores, dim=1)
+
+
 EOS = 127
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from reference import masked_decode_logits
-from tiny_models import FAMILIES, tiny_model
+from tiny_models import FAMILIES, greedy, prompt_ids, tiny_model
 from transformers import AttentionInterface
 
 import snapkv
@@ -18,16 +18,6 @@ PROMPT = 60
 @pytest.fixture(scope="module", params=FAMILIES)
 def model(request):
     return tiny_model(request.param)
-
-
-def prompt_ids(batch=2, length=PROMPT, seed=0):
-    return torch.randint(1, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def greedy(model, ids, steps=6, **kwargs):
-    out = model.generate(ids, max_new_tokens=steps, do_sample=False, output_scores=True,
-                         return_dict_in_generate=True, **kwargs)
-    return out.sequences, torch.stack(out.scores, dim=1)
 
 
 VOTING = (snapkv.SnapKV, snapkv.AdaKV, snapkv.PyramidKV, snapkv.ChunkKV)  # policies with SnapKV's arguments

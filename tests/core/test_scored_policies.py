@@ -7,7 +7,7 @@ from typing import ClassVar
 import pytest
 import torch
 from reference import masked_decode_logits
-from tiny_models import tiny_config, tiny_model
+from tiny_models import greedy, prompt_ids, tiny_config, tiny_model
 from transformers import AutoModelForCausalLM
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama import modeling_llama
@@ -42,16 +42,6 @@ FAMILIES = ("llama", "gemma3")  # plain GQA, and sliding layers that are never c
 @pytest.fixture(scope="module", params=FAMILIES)
 def model(request):
     return tiny_model(request.param)
-
-
-def prompt_ids(batch=2, length=PROMPT, seed=0):
-    return torch.randint(1, 128, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def greedy(model, ids, steps=4, **kwargs):
-    out = model.generate(ids, max_new_tokens=steps, do_sample=False, output_scores=True,
-                         return_dict_in_generate=True, **kwargs)
-    return out.sequences, torch.stack(out.scores, dim=1)
 
 
 def prefilled_cache(model, ids):

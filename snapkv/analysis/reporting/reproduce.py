@@ -621,7 +621,7 @@ def _overlap_findings(figures: Path) -> list[Finding]:
     name = "03_questions_same_document"
     table = _read_csv(figures, name)
     if table is None:
-        return [Finding("overlap", "Question overlap: notebook 03 has not written its CSV in this run.", None, name)]
+        return _not_written("overlap", "Question overlap", name)
     snap = table[table.reference == "snapkv"]
     per_document = snap.groupby("sample", as_index=False)[["overlap", "chance"]].mean()
     finding = _mean_finding("overlap", "Share of voted positions two questions on one document have in common "
@@ -633,7 +633,7 @@ def _suite_findings(figures: Path) -> list[Finding]:
     name = "07_task_suite"
     table = _read_csv(figures, name)
     if table is None:
-        return [Finding("suite", "Task suite: notebook 07 has not written its CSV in this run.", None, name)]
+        return _not_written("suite", "Task suite", name)
     table = table[table["mode"] == "question-aware"]
     largest = table.budget.max()
     findings = []
@@ -648,8 +648,7 @@ def _cluster_width_findings(figures: Path) -> list[Finding]:
     name = "10_cluster_width"
     table = _read_csv(figures, name)
     if table is None:
-        return [Finding("cluster_width", "Cluster width: notebook 10 has not written its CSV in this run.", None,
-                        name)]
+        return _not_written("cluster_width", "Cluster width", name)
     needle = table[(table.task == "needle") & (table.method != "full")]
     main = needle[needle.window_size == needle.window_size.min()]
     budget = main.budget.min()
@@ -659,6 +658,11 @@ def _cluster_width_findings(figures: Path) -> list[Finding]:
                           f"budget {int(budget)} (window {int(main.window_size.min())})",
                           main[(main.kernel_size == kernel) & (main.budget == budget)], "score", "prompts", name)
             for kernel in dict.fromkeys(chosen)]
+
+
+def _not_written(key: str, what: str, name: str) -> list[Finding]:
+    """The finding `key` of a run whose notebook has not written figure `name`'s CSV."""
+    return [Finding(key, f"{what}: notebook {name[:2]} has not written its CSV in this run.", None, name)]
 
 
 def _read_csv(figures: Path, name: str) -> pd.DataFrame | None:
@@ -672,7 +676,7 @@ def _hit_rate_findings(figures: Path) -> list[Finding]:
     name = "01_hit_rate_along_generation"
     table = _read_csv(figures, name)
     if table is None:
-        return [Finding("hit_rate", "Hit rate: notebook 01 has not written its CSV in this run.", None, name)]
+        return _not_written("hit_rate", "Hit rate", name)
     protocol = "reference" if "reference" in set(table.protocol) else sorted(set(table.protocol))[0]
     table = table[table.protocol == protocol]
     # one hit rate per prompt (all layers, heads and answer tokens pooled), then its mean over prompts with a 95%
@@ -702,7 +706,7 @@ def _needle_findings(figures: Path) -> list[Finding]:
     name = "06_needle"
     table = _read_csv(figures, name)
     if table is None:
-        return [Finding("needle", "Needle retention: notebook 06 has not written its CSV in this run.", None, name)]
+        return _not_written("needle", "Needle retention", name)
     table = table[table.task == "needle"]
     mode = "question-aware" if "question-aware" in set(table["mode"]) else sorted(set(table["mode"]))[0]
     table = table[table["mode"] == mode]
@@ -722,8 +726,7 @@ def _speed_findings(figures: Path) -> list[Finding]:
     name = "08_speed_memory"
     table = _read_csv(figures, name)
     if table is None:
-        return [Finding("speed", "Decode speed and memory: notebook 08 has not written its CSV in this run.",
-                        None, name)]
+        return _not_written("speed", "Decode speed and memory", name)
     ok = table[table.status == "ok"]
     batch = ok.batch_size.min()
     ok = ok[ok.batch_size == batch]
