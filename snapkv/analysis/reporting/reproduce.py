@@ -238,8 +238,7 @@ def run_parts(parts: list[NotebookPart], workers: int, expected: dict, *, kernel
     def finish(part, row, guess):
         done.add(part.name)
         bar.update(round(guess))
-        rows.append({"part": row["notebook"], "kind": "notebook", "status": row["status"], "seconds": row["seconds"],
-                     "output": row["html"] or row["executed"], "error": row["error"]})
+        rows.append(_notebook_row(row))
         if progress:
             tqdm.write(f"{row['status']:>6}  {part.name}  {row['seconds']:.0f} s (expected {guess:.0f} s)")
 
@@ -364,9 +363,13 @@ def _threads_per_kernel(threads: int | None):
 
 
 def _skipped_part(part: NotebookPart) -> dict:
-    row = runner.skipped_row(part.notebook, part.folder, record_dir=part.record_dir, part=part.name)
-    return {"part": row["notebook"], "kind": "notebook", "status": "skipped", "seconds": row["seconds"],
-            "output": row["html"] or row["executed"], "error": None}
+    return _notebook_row(runner.skipped_row(part.notebook, part.folder, record_dir=part.record_dir, part=part.name))
+
+
+def _notebook_row(row: dict) -> dict:
+    """reproduce's row of a notebook part, from the notebook runner's row."""
+    return {"part": row["notebook"], "kind": "notebook", "status": row["status"], "seconds": row["seconds"],
+            "output": row["html"] or row["executed"], "error": row["error"]}
 
 
 def check_device(device: str | None, dtype: str | None) -> None:
