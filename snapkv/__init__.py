@@ -4,15 +4,20 @@ attention head looks at during prefill and generation."""
 from snapkv.core import (
     H2O,
     AdaKV,
+    BoundaryProtection,
     ChunkKV,
+    ExpectedAttention,
     FullCache,
+    KNorm,
     KVPack,
+    KVzip,
     Policy,
     PrefillView,
     PyramidKV,
     RandomEviction,
     ScoredPolicy,
     SnapKV,
+    SpanKeeping,
     StreamingLLM,
     Trace,
     compress,
@@ -28,7 +33,8 @@ from snapkv.core import (
 
 __version__ = "0.1.0"
 __all__ = [
-    "H2O", "AdaKV", "ChunkKV", "FullCache", "KVPack", "Policy", "PrefillView", "PyramidKV", "RandomEviction",
+    "H2O", "AdaKV", "BoundaryProtection", "ChunkKV", "ExpectedAttention", "FullCache", "KNorm", "SpanKeeping",
+    "KVPack", "KVzip", "Policy", "PrefillView", "PyramidKV", "RandomEviction",
     "ScoredPolicy", "SnapKV", "StreamingLLM", "Trace", "calibrate", "compress", "load_model", "method_names",
     "method_policy", "pack", "record", "record_teacher_forced", "register_method", "select_positions",
 ]

@@ -15,9 +15,12 @@ def add_reproduce_command(subparsers) -> None:
         "reproduce",
         help="run every notebook and benchmark, write their outputs and one index.html",
         description="Execute every notebook (sorted by name) with papermill, in the default profile (every figure, "
-        "sample counts sized for each headline's precision), --full (paper scale) or --quick (a smoke run); notebooks "
-        "01, 03, 06 and 07 again on gemma-3-270m into --out/models/gemma-3-270m/ (when its wheels are installed and "
-        "--model is not given); then 12_across_models, which compares the two; then every benchmark script of the "
+        "sample counts sized for each headline's precision), --full (paper scale) or --quick (a smoke run); then the "
+        "cross-model notebooks (01, 06, 07, 10; 03 on gemma) again on the other embedded models into "
+        "--out/models/NAME/ (when their wheels are installed and --model is not given): gemma-3-270m in every "
+        "profile, qwen2.5-coder-0.5b-instruct in the default (at smaller counts) and full profiles, "
+        "qwen2.5-coder-1.5b-instruct in the full profile (--all-models: in any profile); then 12_across_models, "
+        "which compares them; then every benchmark script of the "
         "benchmarks/ folder next to the notebooks. Before it starts it prints each part's expected minutes on a 2-core "
         "CPU; notebooks run --workers at a time. It writes NAME.ipynb, NAME.html, figures/, benchmarks/ and "
         "index.html (every figure, its data, settings and the environment) under --out. Parts that finished "
@@ -33,8 +36,10 @@ def add_reproduce_command(subparsers) -> None:
     parser.add_argument("--model", default=None, metavar="NAME_OR_PATH",
                         help="model for the notebooks that declare a `model_name` parameter: an embedded model's "
                              "name (e.g. gemma-3-270m), a folder, a .gguf file or a cached hub id (default: their "
-                             "own, the embedded SmolLM2-135M-Instruct); choosing one skips the second-model "
-                             "(gemma-3-270m) pass")
+                             "own, the embedded SmolLM2-135M-Instruct); choosing one skips the other models' passes")
+    parser.add_argument("--all-models", action="store_true",
+                        help="run every other model's pass whatever the profile (the Qwen 1.5B runs in --full "
+                             "only otherwise; at the default profile's Qwen counts it adds about an hour here)")
     parser.add_argument("--device", default=None,
                         help="device of the notebooks' model, e.g. cuda (default: their own, cpu)")
     parser.add_argument("--dtype", default=None,
@@ -70,7 +75,7 @@ def _reproduce(args) -> int:
                              "(speed_memory.py, gpu_scale.py)")
     parts = reproduce(args.out, notebook_dir=args.notebooks, profile=_profile(args), model_name=args.model,
                       device=args.device, dtype=args.dtype, parameters=dict(args.parameter), force=args.force,
-                      benchmarks=benchmarks, workers=args.workers,
+                      benchmarks=benchmarks, workers=args.workers, all_models=args.all_models,
                       kernel_name=args.kernel, execution_timeout=args.cell_timeout)
     print(parts[["part", "status", "seconds", "output"]].to_string(index=False))
     print(f"index: {Path(args.out) / INDEX}")
@@ -337,9 +342,12 @@ def _needle(args) -> int:
     prefill_chunk = _prefill_chunk(args, settings.window_size)
     record = _run_record(args, settings, prefill_chunk)
     haystack = load_haystack(settings.haystack)
-    methods = quality.method_grid(settings.methods, settings.budgets, settings.ablation_budgets,
-                                  window_size=settings.window_size, kernel_size=settings.kernel_size)
+    quality.check_methods(settings.methods, settings.budgets, settings.ablation_budgets,
+                          window_size=settings.window_size)  # before the model loads
     model, tokenizer = _load_for_quality(args, settings.lengths, 12)
+    methods = quality.method_grid(settings.methods, settings.budgets, settings.ablation_budgets,
+                                  window_size=settings.window_size, kernel_size=settings.kernel_size,
+                                  tokenizer=tokenizer)
     start = time.perf_counter()
     prompts = quality.needle_prompts(tokenizer, lengths=settings.lengths, depths=settings.depths,
                                      samples=settings.samples, seed=settings.seed, haystack_text=haystack,
@@ -394,9 +402,12 @@ def _tasks(args) -> int:
     prefill_chunk = _prefill_chunk(args, settings.window_size)
     record = _run_record(args, settings, prefill_chunk)
     haystack = load_haystack(settings.haystack)
-    methods = quality.method_grid(settings.methods, settings.budgets, settings.ablation_budgets,
-                                  window_size=settings.window_size, kernel_size=settings.kernel_size)
+    quality.check_methods(settings.methods, settings.budgets, settings.ablation_budgets,
+                          window_size=settings.window_size)  # before the model loads
     model, tokenizer = _load_for_quality(args, settings.lengths, 40)
+    methods = quality.method_grid(settings.methods, settings.budgets, settings.ablation_budgets,
+                                  window_size=settings.window_size, kernel_size=settings.kernel_size,
+                                  tokenizer=tokenizer)
     start = time.perf_counter()
     prompts = quality.task_prompts(tokenizer, tasks=settings.tasks, lengths=settings.lengths,
                                    samples=settings.samples, seed=settings.seed, haystack_text=haystack)
@@ -515,14 +526,21 @@ def add_pack_command(subparsers) -> None:
         "pack", help="prefill a document once and save its KV cache, to ask it many questions (snapkv ask)",
         description="Prefill FILE as the start of a one-turn chat (the model's chat template; the plain "
         "Question/Answer format without one) and save its KV cache to --out: the full cache, or with --budget the "
-        f"cache compressed by SnapKV (window {SnapKV.window_size}, kernel {SnapKV.kernel_size}) at the end of the "
-        "document, before any question. "
+        "cache compressed by --policy (any registered method, e.g. snapkv, knorm, expected-attention, kvzip, "
+        "knorm+span; default snapkv) at the end of the document, before any question exists. "
         "`snapkv ask DIR QUESTION` then answers from it without reading the document again.",
     )
     parser.add_argument("file", help="the document: a UTF-8 text file")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder to write the pack to")
     parser.add_argument("--budget", type=int, default=None,
-                        help="prompt positions SnapKV keeps per head (default: keep the full cache, exact)")
+                        help="prompt positions each head keeps, window included (default: keep the full cache, exact)")
+    parser.add_argument("--policy", default="snapkv", metavar="NAME",
+                        help="the registered method that compresses (snapkv.method_names(); default: snapkv)")
+    parser.add_argument("--window-size", type=int, default=SnapKV.window_size,
+                        help=f"last document tokens always kept (and SnapKV's observation window; default "
+                             f"{SnapKV.window_size})")
+    parser.add_argument("--kernel-size", type=int, default=SnapKV.kernel_size,
+                        help=f"SnapKV's pooling kernel (default {SnapKV.kernel_size})")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing pack in --out")
     _model_arguments(parser)
     parser.set_defaults(handler=_pack)
@@ -546,9 +564,15 @@ def _pack(args) -> int:
         raise ValueError(f"{path} is empty: give a document to pack")
     if Path(args.out).exists() and not args.overwrite:
         raise ValueError(f"{args.out} already exists: pass --overwrite or choose another folder")
-    policy = None if args.budget is None else snapkv.SnapKV(max_capacity_prompt=args.budget)
+    if args.policy not in snapkv.method_names():
+        raise ValueError(f"unknown --policy {args.policy!r}: choose from {', '.join(snapkv.method_names())}")
+    if args.budget is not None and args.budget <= args.window_size:
+        raise ValueError(f"--budget ({args.budget}) must exceed --window-size ({args.window_size}): the budget "
+                         "includes the window")
     check_device(args.device, args.dtype)
     model, tokenizer = loading.load_model(args.model, device=args.device, dtype=args.dtype)
+    policy = None if args.budget is None else snapkv.method_policy(
+        args.policy, args.budget, window_size=args.window_size, kernel_size=args.kernel_size, tokenizer=tokenizer)
     context = document_ids(tokenizer, text)
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if limit is not None and context.shape[1] >= limit:

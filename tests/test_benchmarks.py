@@ -48,3 +48,12 @@ def test_environment_keeps_the_keys_its_readers_use():
     assert {"python", "platform", "versions", "machine"} <= record.keys()
     assert {"cpu", "cpu_count", "memory_gib", "gpu"} <= record["machine"].keys()
     assert record["versions"]["torch"] and record["python"] == env["python_version"]
+
+
+def test_speed_memory_takes_any_embedded_model_by_name_and_names_its_files_after_it():
+    speed_memory = load_benchmark("speed_memory")
+    assert speed_memory.parse_args(["--quick"]).model is None and speed_memory.output_name(None) == "speed_memory"
+    args = speed_memory.parse_args(["--model", "qwen2.5-coder-1.5b-instruct"])
+    assert speed_memory.output_name(args.model) == "speed_memory_qwen2.5-coder-1.5b-instruct"
+    with pytest.raises(SystemExit):
+        speed_memory.parse_args(["--model", "llama-7b"])  # not an embedded model: refused before any work

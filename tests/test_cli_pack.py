@@ -31,7 +31,9 @@ def test_pack_checks_its_arguments_before_loading_the_model(no_model, document, 
     assert cli.main(["pack", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "p")]) == 1
     assert "is empty" in capsys.readouterr().err
     assert cli.main(["pack", str(document), "--out", str(tmp_path / "p"), "--budget", "16"]) == 1
-    assert "max_capacity_prompt (16) must exceed window_size (32)" in capsys.readouterr().err
+    assert "--budget (16) must exceed --window-size (32)" in capsys.readouterr().err
+    assert cli.main(["pack", str(document), "--out", str(tmp_path / "p"), "--budget", "64", "--policy", "nope"]) == 1
+    assert "unknown --policy 'nope': choose from full, snapkv" in capsys.readouterr().err
     assert cli.main(["pack", str(document), "--out", str(tmp_path)]) == 1
     assert "already exists: pass --overwrite" in capsys.readouterr().err
     assert cli.main(["pack", str(document), "--out", str(tmp_path / "p"), "--dtype", "int8"]) == 1
@@ -65,3 +67,18 @@ def test_pack_then_ask_answers_as_the_pack_does_in_python(smollm, document, tmp_
         answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
         assert f"Q: {question}\nA: {answer}\n" in printed
     assert torch.equal(snapkv.KVPack.load(out, model, tokenizer).context_ids, packed.context_ids)
+
+
+@pytest.mark.slow
+def test_pack_takes_any_registered_method_by_name(smollm, document, tmp_path, capsys):
+    from snapkv.analysis.quality.packs import document_ids
+
+    model, tokenizer = smollm
+    out = tmp_path / "pack"
+    assert cli.main(["pack", str(document), "--out", str(out), "--budget", "96", "--policy", "knorm+span",
+                     "--window-size", "16"]) == 0
+    loaded = snapkv.KVPack.load(out, model, tokenizer)
+    expected = snapkv.method_policy("knorm+span", 96, window_size=16, tokenizer=tokenizer)
+    assert loaded.policy == expected  # the wrapper and its KNorm, rebuilt from the pack's record
+    packed = snapkv.pack(model, document_ids(tokenizer, document.read_text()), expected)
+    assert torch.equal(loaded.cache.layers[0].keys, packed.cache.layers[0].keys)

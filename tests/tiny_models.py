@@ -84,3 +84,25 @@ class PlainAsciiTokenizer(AsciiTokenizer):
     def __call__(self, text, add_special_tokens=True):
         ids = super().__call__(text).input_ids
         return SimpleNamespace(input_ids=[self.bos_token_id] * add_special_tokens + ids)
+
+
+WORDS = ("the", "cat", "sat", "on", "mat", "and", "dog", "ran", "to", "a", "is", "pass", "code", "it", "was", "in",
+         "of", "that", "he", "she", "for", "with", "as", "his", "they", "be", "at", "one", "have", "this", "from",
+         "by", "hot", "word", "but", "what", "some", "we", "can", "out", "other", "were", "all", "there", "when")
+PIECES = ("ing", "ed", "er", "ly", "ion", "ure", "es", "est", "ness", "ment", "able", "ful", "less", "ous", "ive",
+          "al", "ic", "ism", "ist", "ity", "ize", "ward", "wise", "ship")
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer of the tiny models' 128 ids, built in code (no hub): specials, letters, digits,
+    punctuation, a space, line breaks, " word" tokens and word pieces; Ġ is a space and Ċ a line break."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokens = (["<pad>", "<s>", "</s>"] + list("abcdefghijklmnopqrstuvwxyz0123456789.,!?:;'\"()") + ["Ġ", "Ċ", "ĊĊ"]
+              + ["Ġ" + word for word in WORDS] + list(PIECES) + [".Ċ", "Ġ(", "),", "Ġ\"", "?\"", "Ġ1", "Ġ2"])
+    assert len(set(tokens)) == 128, len(set(tokens))
+    backend = Tokenizer(models.BPE(vocab={token: i for i, token in enumerate(tokens)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")

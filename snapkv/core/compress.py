@@ -2,7 +2,7 @@
 
 Timeline of one prompt, per layer (all inside the attention hook):
   prefill              remember what the policy `observes` (the last `window_size` queries, the attention
-                       accumulated over every query, the attention module's input); when the whole
+                       accumulated over every query, the attention module's input, the prompt's ids); when the whole
                        prompt comes in one forward, select the kept positions right after the layer's
                        prefill attention and put a CompressedLayer in the cache, so that only one layer's
                        full keys and values are alive at a time (the paper's prefill memory)
@@ -15,6 +15,9 @@ after `session.compress_before_next_forward()`. A caller that feeds a prompt in 
 must say so with `prefill_chunk_size` (the first one would be taken for the whole prompt). Both timings keep
 the same positions and give the same outputs. `session.fork(policy)` starts another policy from what a
 session saw of a prefill, so that many policies share one prefill (with `compat.copy_cache`).
+A policy that observes "reconstruction" (KVzip) scores the prompt with forwards of its own on the whole prompt's
+cache (`Policy.reconstruct`): its layers are compressed together, at the end of the prompt's forward (or, when the
+prompt came in chunks, at the forward that compresses it, before it runs), right after those forwards.
 """
 
 import contextlib
@@ -45,6 +48,7 @@ class _LayerPrefill:
     padding_mask: torch.Tensor | None
     accumulated: torch.Tensor | None = None
     hidden_states: torch.Tensor | None = None
+    input_ids: torch.Tensor | None = None
     done: bool = False
 
 
@@ -92,10 +96,15 @@ class CompressionSession(Tap):
         self.kept_positions: dict[int, torch.Tensor] = {}
         self._layers: dict[int, _LayerPrefill] = {}
         self._cache = None
+        self._forward_ids: torch.Tensor | None = None  # the current forward's input_ids
         self._force_compress = False
         self._prompt_in_this_forward = False
         self._arena = SlotArena()  # where the current prompt's compressed layers keep their tensors
         self.compressed_layers = full_attention_layers(model.config)  # the layers a policy may compress
+        # "reconstruction" (KVzip): the layers whose compression waits for the end of the prompt's forward (their
+        # last call, query emptied), and the policy's scores of the whole prompt
+        self._deferred: dict[int, AttentionCall] = {}
+        self._reconstruction: dict[int, torch.Tensor] = {}
 
     @classmethod
     def observer(cls, model, policies, prefill_chunk_size: int | None = None) -> "CompressionSession":
@@ -113,6 +122,8 @@ class CompressionSession(Tap):
         forward of no new tokens would show the session (`snapkv.pack` keeps them)."""
         self._cache, self._prompt_in_this_forward = cache, False
         self.compress_before_next_forward()
+        if "reconstruction" in self.observes and not self.observe_only:
+            self._reconstruct()
         for layer in sorted(calls):
             self.before_attention(calls[layer])
         self.after_forward(None, (), {}, None)
@@ -143,16 +154,21 @@ class CompressionSession(Tap):
                 query_window=state.query_window[..., -window:, :] if "query_window" in policy.observes else None,
                 padding_mask=state.padding_mask,
                 accumulated=state.accumulated if "accumulated_attention" in policy.observes else None,
-                hidden_states=state.hidden_states if "hidden_states" in policy.observes else None)
+                hidden_states=state.hidden_states if "hidden_states" in policy.observes else None,
+                input_ids=state.input_ids if "input_ids" in policy.observes else None)
         return forked
 
     # -- model forward hooks ------------------------------------------------------------------
     def before_forward(self, module, args, kwargs):
         self._cache = compat.forward_cache(kwargs)
+        self._forward_ids = kwargs.get("input_ids", args[0] if args else None)
         fresh = self._cache is None or self._cache.get_seq_length() == 0
         if fresh:
             self._arena = SlotArena()
-        # the whole prompt in this one forward: compress each layer right after its prefill attention
+        if "reconstruction" in self.observes:
+            self._follow_prompt(args, kwargs, fresh)
+        # the whole prompt in this one forward: compress each layer right after its prefill attention (a policy
+        # that observes "reconstruction": every layer at the end of the forward, `after_forward`)
         self._prompt_in_this_forward = fresh and self.prefill_chunk_size is None and _forward_length(args, kwargs) > 1
         if _forward_length(args, kwargs) > 1:  # prefill: the mask is checked once per chunk, not per step
             check_left_padding(kwargs.get("attention_mask"), "snapkv.compress")
@@ -167,8 +183,47 @@ class CompressionSession(Tap):
                 )
 
     def after_forward(self, module, args, kwargs, output):
+        deferred, self._deferred = self._deferred, {}
+        if deferred and self._prompt_in_this_forward:
+            self.compress_now(self._cache, deferred)  # every layer, from the whole prompt's cache
         self._force_compress = False
         self._prompt_in_this_forward = False
+
+    def _follow_prompt(self, args, kwargs, fresh: bool) -> None:
+        """(a policy that observes "reconstruction") At the forward that will compress the prompt (a decoding step,
+        or any forward after `compress_before_next_forward`), score it first with the policy's `reconstruct`, while
+        the cache holds the whole prompt and nothing else."""
+        if fresh:
+            self._deferred, self._reconstruction = {}, {}
+        elif (not self.observe_only and any(not state.done for state in self._layers.values())
+              and (_forward_length(args, kwargs) == 1 or self._force_compress)):
+            self._reconstruct()
+
+    def _reconstruct(self) -> None:
+        """The policy's `reconstruct` scores of the prompt the cache holds, for every layer still to compress whose
+        budget is below some row's length (no forward at all when the budget covers the prompt)."""
+        pending = [layer for layer, state in self._layers.items() if not state.done]
+        if not pending or self._cache is None:
+            return
+        n = self._cache.layers[pending[0]].get_seq_length()
+        state = self._layers[pending[0]]
+        padding = None if state.padding_mask is None else state.padding_mask[:, :n]
+        lengths = set(padding.sum(-1).tolist()) if padding is not None else {n}
+        layers = self.compressed_layers
+
+        def compressed(layer: int) -> bool:
+            among = layers if layer in layers else (layer,)
+            return any(length > self.policy.layer_budget(layer, length, among) for length in lengths)
+
+        needed = [layer for layer in pending if compressed(layer)]
+        if not needed:
+            return
+        if state.input_ids is None or state.input_ids.shape[1] != n:
+            seen = 0 if state.input_ids is None else state.input_ids.shape[1]
+            raise ValueError(f"{type(self.policy).__name__} reconstructs the whole prompt from its ids, but this "
+                             f"session saw {seen} of the {n} tokens in the cache: run the whole prompt inside the "
+                             "session, as input_ids")
+        self._reconstruction = self.policy.reconstruct(self.model, self._cache, state.input_ids, padding, needed)
 
     def before_attention_module(self, layer: int, hidden_states: torch.Tensor) -> None:
         self._hidden[layer] = hidden_states
@@ -177,6 +232,11 @@ class CompressionSession(Tap):
         state = self._layers.get(call.layer)
         if (self._prompt_in_this_forward and not self.observe_only and state is not None and not state.done
                 and self._cache is not None):
+            if "reconstruction" in self.observes:  # scored from the whole prompt's cache: at the end of the forward
+                batch, heads, _, head_dim = call.query.shape
+                self._deferred[call.layer] = call.with_kv(query=call.query.new_empty(batch, heads, 0, head_dim),
+                                                          mask=None, past_length=call.key.shape[-2])
+                return
             self._compress(call, state, call.key.shape[-2])  # the layer's full keys live no longer than this
 
     # -- attention hook --------------------------------------------------------------------------
@@ -203,7 +263,7 @@ class CompressionSession(Tap):
 
     def _observe(self, call: AttentionCall, state: _LayerPrefill | None) -> _LayerPrefill:
         padding = call.padding_mask()
-        query_window = accumulated = hidden_states = None
+        query_window = accumulated = hidden_states = input_ids = None
         if "query_window" in self.observes:
             query_window = append_window(state.query_window if state else None, call.query, self.window)
         if "accumulated_attention" in self.observes:
@@ -212,8 +272,14 @@ class CompressionSession(Tap):
         if "hidden_states" in self.observes:
             new = self._hidden.pop(call.layer)
             hidden_states = new if state is None else torch.cat([state.hidden_states, new], dim=1)
+        if "input_ids" in self.observes:
+            if self._forward_ids is None:
+                raise ValueError(f"{type(self.policy).__name__} reads the prompt's token ids, but the forward got "
+                                 "inputs_embeds: call the model with input_ids")
+            new = self._forward_ids
+            input_ids = new if state is None else torch.cat([state.input_ids, new], dim=1)
         return _LayerPrefill(query_window=query_window, padding_mask=padding, accumulated=accumulated,
-                             hidden_states=hidden_states)
+                             hidden_states=hidden_states, input_ids=input_ids)
 
     def _compress(self, call: AttentionCall, state: _LayerPrefill, n: int) -> AttentionCall:
         """Select the kept positions of the layer's first `n` slots (the prompt) and put the compressed layer in
@@ -229,12 +295,14 @@ class CompressionSession(Tap):
             padding = padding[:, :n]
             padding = None if bool(padding.all()) else padding
         hidden_states = None if state.hidden_states is None else state.hidden_states[:, :n]
+        input_ids = None if state.input_ids is None else state.input_ids[:, :n]
         view = PrefillView(keys=call.key[:, :, :n], padding_mask=padding, scaling=call.scaling,
                            query_window=state.query_window, accumulated=state.accumulated,
-                           values=call.value[:, :, :n], hidden_states=hidden_states, module=call.module)
+                           values=call.value[:, :, :n], hidden_states=hidden_states, module=call.module,
+                           reconstruction=self._reconstruction.pop(call.layer, None), input_ids=input_ids)
         positions = self.policy.kept_positions(view, budget)
         # done with: freed, not left among the heap's holes
-        state.query_window = state.accumulated = state.hidden_states = None
+        state.query_window = state.accumulated = state.hidden_states = state.input_ids = None
         self.kept_positions[call.layer] = _prompt_positions(positions, padding)  # outlives the cache: not in the arena
         if n <= budget(n):
             return call  # the budget covers the prompt: keep the cache as it is

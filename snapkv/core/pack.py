@@ -104,8 +104,13 @@ def check_same_model(metadata: dict, model, tokenizer=None, where: str = "this p
 
 
 def policy_record(policy: Policy) -> dict:
-    """{"name": the policy's class, "settings": its fields}: what `policy_from_record` rebuilds it from."""
-    return {"name": type(policy).__name__, "settings": _json_safe(dataclasses.asdict(policy))}
+    """{"name": the policy's class, "settings": its fields}: what `policy_from_record` rebuilds it from. A field
+    that is a policy (what BoundaryProtection and SpanKeeping wrap) is written as its own record."""
+    settings = {}
+    for item in dataclasses.fields(policy):
+        value = getattr(policy, item.name)
+        settings[item.name] = policy_record(value) if isinstance(value, Policy) else value
+    return {"name": type(policy).__name__, "settings": _json_safe(settings)}
 
 
 def _subclasses(cls) -> dict[str, type]:
@@ -124,8 +129,14 @@ def policy_from_record(record: dict) -> Policy:
     if record["name"] not in known:
         raise ValueError(f"this pack was made with the policy {record['name']!r}, which this snapkv does not know: "
                          "use the snapkv version that made it")
-    settings = {name: tuple(value) if isinstance(value, list) else value for name, value in record["settings"].items()}
-    return known[record["name"]](**settings)
+    return known[record["name"]](**{name: _setting(value) for name, value in record["settings"].items()})
+
+
+def _setting(value):
+    """A policy field as `policy_record` wrote it -> its value: a nested record is a policy, a list a tuple."""
+    if isinstance(value, dict) and set(value) == {"name", "settings"}:
+        return policy_from_record(value)
+    return tuple(value) if isinstance(value, list) else value
 
 
 # -- cache layers -------------------------------------------------------------------------------------------

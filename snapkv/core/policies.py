@@ -14,16 +14,25 @@ per-layer budgets, left padding and GQA handled once:
             return -view.keys.float().norm(dim=-1)
 
 A policy declares in `observes` what prefill must record for it beyond the keys and values ("query_window",
-"accumulated_attention", "hidden_states"); nothing else is computed.
+"accumulated_attention", "hidden_states", "input_ids", ...: `OBSERVATIONS`); nothing else is computed.
+
+Scores: SnapKV and its successors (AdaKV, PyramidKV, ChunkKV), H2O, KNorm (the smallest keys) and ExpectedAttention
+(the attention future queries, modelled on the prompt's, would pay). Wrappers of any policy: BoundaryProtection (a
+share of the budget for the prompt's first and last tokens) and SpanKeeping (a kept token brings its whole word, line
+or sentence, read from the prompt's token ids: `snapkv.core.units`). Every policy can rank all positions
+(`Policy.ranking`), which is what SpanKeeping walks.
 """
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass, field, replace
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from snapkv.core import units
+from snapkv.core.queries import average_rotation, prerope_queries, rope_frequencies
 from snapkv.core.selection import (
     GQA_MODES,
     POOLINGS,
@@ -31,6 +40,8 @@ from snapkv.core.selection import (
     adaptive_positions,
     chunk_positions,
     pyramid_budgets,
+    ranked_positions,
+    repeat_kv,
     select_per_row,
     snapkv_scores,
     streaming_positions,
@@ -38,7 +49,7 @@ from snapkv.core.selection import (
     window_votes,
 )
 
-OBSERVATIONS = ("query_window", "accumulated_attention", "hidden_states")
+OBSERVATIONS = ("query_window", "accumulated_attention", "hidden_states", "reconstruction", "input_ids")
 
 
 @dataclass(frozen=True)
@@ -49,7 +60,9 @@ class PrefillView:
     real; scaling: the layer's softmax scale; query_window (batch, heads, <= window, head_dim): the last prompt
     queries ("query_window"); accumulated (batch, heads, n): attention received by each key from every prompt
     query ("accumulated_attention"); hidden_states (batch, n, hidden): the attention module's input
-    ("hidden_states"); module: the attention module (its projections, `config`, `layer_idx`).
+    ("hidden_states"); module: the attention module (its projections, `config`, `layer_idx`); reconstruction
+    (batch, kv_heads, n): scores the policy's `reconstruct` computed from the whole prompt's cache ("reconstruction":
+    KVzip's, `snapkv.core.kvzip`); input_ids (batch, n): the prompt's token ids ("input_ids").
     """
 
     keys: torch.Tensor
@@ -60,6 +73,8 @@ class PrefillView:
     values: torch.Tensor | None = None
     hidden_states: torch.Tensor | None = None
     module: torch.nn.Module | None = None
+    reconstruction: torch.Tensor | None = None
+    input_ids: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -82,7 +97,20 @@ class PrefillView:
         query_window = None if self.query_window is None else self.query_window[row : row + 1]
         return PrefillView(keys=cut(self.keys, 2), padding_mask=None, scaling=self.scaling,
                            query_window=query_window, accumulated=cut(self.accumulated, 2),
-                           values=cut(self.values, 2), hidden_states=cut(self.hidden_states, 1), module=self.module)
+                           values=cut(self.values, 2), hidden_states=cut(self.hidden_states, 1), module=self.module,
+                           reconstruction=cut(self.reconstruction, 2), input_ids=cut(self.input_ids, 1))
+
+    def cut(self, positions: torch.Tensor) -> "PrefillView":
+        """The view of `positions` (long (m,), ascending) alone, as if the prompt held only them; the query
+        window (the prompt's last queries) stays."""
+
+        def take(tensor, dim):
+            return None if tensor is None else tensor.index_select(dim, positions)
+
+        return replace(self, keys=take(self.keys, 2), padding_mask=take(self.padding_mask, 1),
+                       accumulated=take(self.accumulated, 2), values=take(self.values, 2),
+                       hidden_states=take(self.hidden_states, 1), reconstruction=take(self.reconstruction, 2),
+                       input_ids=take(self.input_ids, 1))
 
 
 def check_int(name: str, value, minimum: int) -> int:
@@ -146,6 +174,24 @@ class Policy:
         with no padding."""
         raise NotImplementedError
 
+    def ranking(self, view: PrefillView, budget: int) -> torch.Tensor:
+        """Every position (batch, cache_heads, n), best first, for a prompt longer than `budget` with no padding:
+        what SpanKeeping walks. Default: the positions `select(view, budget)` keeps, then the others, each group
+        from the most recent (a score ranks every position: `ScoredPolicy.ranking`)."""
+        kept = self.select(view, budget)
+        n = view.length
+        chosen = torch.zeros(*kept.shape[:2], n + 1, dtype=torch.long, device=kept.device)
+        chosen.scatter_(2, torch.where(kept >= 0, kept, n), 1)
+        return (chosen[..., :n] * n + torch.arange(n, device=kept.device)).argsort(dim=-1, descending=True)
+
+    def reconstruct(self, model, cache, input_ids: torch.Tensor, padding_mask: torch.Tensor | None,
+                    layers) -> dict[int, torch.Tensor]:
+        """(a policy that observes "reconstruction") {layer: float (batch, cache_heads, n)} for `layers`, computed
+        with further forwards of `model` on `cache`, which holds the whole prompt `input_ids` (batch, n) and must be
+        left as it is; the session calls it once the prompt is complete and passes each layer's scores as
+        `PrefillView.reconstruction` (KVzip: `snapkv.core.kvzip`)."""
+        raise NotImplementedError(f"{type(self).__name__} observes 'reconstruction' but defines no reconstruct()")
+
     def kept_positions(self, view: PrefillView, budget: int | Callable[[int], int]) -> torch.Tensor:
         """Kept input positions (batch, cache_heads, min(n, budget)), ascending; padded batches are
         selected row by row on real tokens, and slots a short row leaves empty are -1. `budget` may be a
@@ -192,13 +238,23 @@ class ScoredPolicy(Policy):
         """float (batch, cache_heads, n): how much each position deserves its slot (higher = keep)."""
         raise NotImplementedError(f"{type(self).__name__} must define score(self, view)")
 
-    def select(self, view: PrefillView, budget: int) -> torch.Tensor:
+    def prefix_scores(self, view: PrefillView) -> torch.Tensor:
+        """`score(view)` of the positions before the window (batch, cache_heads, n - window_size), its shape
+        checked."""
         scores = self.score(view)
         expected = (view.keys.shape[0], self.cache_heads(view.query_heads, view.keys.shape[1]), view.length)
         if tuple(scores.shape) != expected:
             raise ValueError(f"{type(self).__name__}.score returned shape {tuple(scores.shape)}; expected "
                              f"(batch, cache_heads, n) = {expected}")
-        return self.select_from_scores(scores[..., : view.length - self.window_size], budget)
+        return scores[..., : view.length - self.window_size]
+
+    def select(self, view: PrefillView, budget: int) -> torch.Tensor:
+        return self.select_from_scores(self.prefix_scores(view), budget)
+
+    def ranking(self, view: PrefillView, budget: int) -> torch.Tensor:
+        """The window, then the other positions by descending score (ties: the earlier first). A policy that
+        allocates otherwise in `select_from_scores` (AdaKV's shared budget, ChunkKV's chunks) ranks by score too."""
+        return ranked_positions(self.prefix_scores(view), self.window_size)
 
     def select_from_scores(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
         """Kept positions (batch, cache_heads, budget), ascending, from the prefix's scores (batch, cache_heads,
@@ -362,3 +418,228 @@ def accumulate(previous: torch.Tensor | None, queries, keys, scaling, padding_ma
     if previous is not None:
         new[..., : previous.shape[-1]] += previous
     return new
+
+
+@dataclass(frozen=True)
+class KNorm(ScoredPolicy):
+    """Key norm (Devoto et al., 2024, arXiv 2406.11430; kvpress's `KnormPress`): keep the keys of smallest L2 norm
+    in each kv head, plus the last `window_size` positions. As kvpress: the score is -||k|| of the post-RoPE key in
+    the cache (RoPE rotates pairs of dimensions, so the norm is the pre-RoPE one too), ties go to `topk`. Unlike
+    kvpress: norms in float32 (kvpress: the model's dtype), and a budget of positions with a window instead of a
+    compression ratio (window_size=0 keeps kvpress's choice)."""
+
+    def score(self, view: PrefillView) -> torch.Tensor:
+        return -view.keys.float().norm(dim=-1)
+
+
+@dataclass(frozen=True)
+class ExpectedAttention(ScoredPolicy):
+    """Expected attention (Devoto et al., 2025, arXiv 2510.00636; kvpress's `ExpectedAttentionPress`, its defaults):
+    the attention that future queries are expected to pay each key, modelled from the prompt's queries.
+
+    As kvpress, per layer: the pre-RoPE queries of the prompt but its first `n_sink` tokens (q_proj and q_norm of
+    the attention module's input: "hidden_states") give a mean mu and a covariance S (divided by their count) per
+    query head; RoPE's rotation averaged over the `n_future_positions` positions after the prompt, R, turns them
+    into R mu and R S R^T; each key k but the sinks scores exp(k.R mu / sqrt(d) + k^T R S R^T k / (2d)) (d: head
+    dim; the mean of exp(q.k / sqrt(d)) over Gaussian queries), softmax-normalised over the keys of each query head,
+    averaged over the GQA group, then (score + epsilon) x ||v|| (`use_vnorm`); the sinks score above every other
+    position, so they are always kept. use_covariance=False drops the S term.
+
+    Unlike kvpress: the budget is a number of positions, with the last `window_size` always kept (window_size=0
+    keeps kvpress's choice); everything in float32 (kvpress: the model's dtype); RoPE from the config of the
+    layer's type (`snapkv.core.queries.rope_frequencies`, kvpress: the model's rotary module, which in
+    transformers 5 takes Gemma 3's layer type as an argument kvpress does not pass), and for dynamic RoPE types
+    the frequencies of the model's base length."""
+
+    n_future_positions: int = 512
+    n_sink: int = 4
+    use_covariance: bool = True
+    use_vnorm: bool = True
+    epsilon: float = 0.0
+    observes: ClassVar[frozenset[str]] = frozenset({"hidden_states"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_int("n_future_positions", self.n_future_positions, 1)
+        check_int("n_sink", self.n_sink, 0)
+        for name in ("use_covariance", "use_vnorm"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if isinstance(self.epsilon, bool) or not isinstance(self.epsilon, (int, float)) or self.epsilon < 0:
+            raise ValueError(f"epsilon must be a number >= 0, got {self.epsilon!r}")
+
+    def score(self, view: PrefillView) -> torch.Tensor:
+        batch, kv_heads, n, head_dim = view.keys.shape
+        if n <= self.n_sink:  # every position is a sink
+            return view.keys.new_ones(batch, kv_heads, n, dtype=torch.float)
+        queries = prerope_queries(view.module, view.hidden_states[:, self.n_sink :])  # (batch, heads, m, d)
+        heads, m = queries.shape[1], queries.shape[2]
+        rotation = average_rotation(*rope_frequencies(view.module.config, view.module.layer_idx, head_dim),
+                                    start=n, count=self.n_future_positions).to(queries.device)
+        mean = queries.mean(dim=2)
+        keys = repeat_kv(view.keys[:, :, self.n_sink :].float(), heads // kv_heads)  # (batch, heads, m, d)
+        logits = keys @ (mean @ rotation.T)[..., None] / math.sqrt(head_dim)
+        logits = logits.squeeze(-1)
+        if self.use_covariance:
+            centered = queries - mean[:, :, None]
+            covariance = rotation @ (centered.transpose(2, 3) @ centered / m) @ rotation.T
+            logits = logits + torch.einsum("bhnd,bhde,bhne->bhn", keys, covariance, keys) / head_dim / 2
+        scores = logits.softmax(dim=-1).view(batch, kv_heads, heads // kv_heads, m).mean(dim=2)
+        if self.use_vnorm:
+            scores = (scores + self.epsilon) * view.values[:, :, self.n_sink :].float().norm(dim=-1)
+        return F.pad(scores, (self.n_sink, 0), value=float(scores.max()) + 1)
+
+
+class WrappingPolicy(Policy):
+    """A policy around another one, its field `policy`: the budgets (per layer too), window, cache heads and
+    observations are the wrapped policy's."""
+
+    @property
+    def window_size(self) -> int:
+        return self.policy.window_size
+
+    @property
+    def observes(self) -> frozenset[str]:
+        return self.policy.observes
+
+    def budget(self, layer: int) -> int | None:
+        return self.policy.budget(layer)
+
+    def layer_budget(self, layer: int, prompt_length: int, compressed_layers: tuple[int, ...]) -> int | None:
+        return self.policy.layer_budget(layer, prompt_length, compressed_layers)
+
+    def cache_heads(self, heads: int, kv_heads: int) -> int:
+        return self.policy.cache_heads(heads, kv_heads)
+
+    def check_model(self, num_layers: int) -> None:
+        self.policy.check_model(num_layers)
+
+    def reconstruct(self, model, cache, input_ids, padding_mask, layers) -> dict[int, torch.Tensor]:
+        return self.policy.reconstruct(model, cache, input_ids, padding_mask, layers)
+
+    def check_policy(self) -> None:
+        if not isinstance(self.policy, Policy):
+            raise TypeError(f"{type(self).__name__} wraps a snapkv policy (SnapKV(), KNorm(), ...), got "
+                            f"{type(self.policy).__name__}")
+
+
+def keep_among(policy: Policy, view: PrefillView, positions: torch.Tensor, budget: int) -> torch.Tensor:
+    """What `policy` keeps at `budget` when it may keep only `positions` (long (m,), ascending, ending with its
+    window): input positions (batch, cache_heads, <= budget), -1 for slots a head leaves empty. A ScoredPolicy
+    scores the whole prompt and keeps the best of `positions`; any other policy selects on the view cut to them."""
+    if isinstance(policy, ScoredPolicy):
+        prefix = positions[: positions.numel() - policy.window_size]
+        chosen = policy.select_from_scores(policy.prefix_scores(view)[..., prefix], budget)
+    else:
+        chosen = policy.select(view.cut(positions), budget)
+    return torch.where(chosen >= 0, positions[chosen.clamp(min=0)], -1)
+
+
+def rank_among(policy: Policy, view: PrefillView, positions: torch.Tensor, budget: int) -> torch.Tensor:
+    """`positions` (long (m,), ascending, ending with the window) as `policy` ranks them, best first (batch,
+    cache_heads, m), `budget` being what it keeps of them: as `keep_among`, a ScoredPolicy by its scores of the
+    whole prompt, any other policy on the view cut to them."""
+    if isinstance(policy, ScoredPolicy):
+        prefix = positions[: positions.numel() - policy.window_size]
+        order = ranked_positions(policy.prefix_scores(view)[..., prefix], policy.window_size)
+    else:
+        order = policy.ranking(view.cut(positions), budget)
+    return positions[order]
+
+
+@dataclass(frozen=True)
+class BoundaryProtection(WrappingPolicy):
+    """Boundary protection (Garcia, 2026, arXiv 2605.18053, "Protection Is (Nearly) All You Need"): `share` of the
+    budget is reserved for the prompt's boundaries, half for its first tokens (the attention sinks, the start of the
+    instruction) and half for its last tokens before the window (the end of the context); the wrapped policy
+    chooses the rest of the budget, with its window, among the other positions. The paper reserves 10% of the cache
+    at each boundary (share=0.2), there at decode time under one cap for all heads; here at the end of prefill, per
+    layer and head.
+
+    Each boundary gets int(share x budget / 2) positions (fewer when the wrapped policy's window would not fit). A
+    ScoredPolicy still scores the whole prompt and keeps its best other positions with its own `select_from_scores`
+    (AdaKV's per-head counts, ChunkKV's chunks); any other policy selects on the view cut to the other positions
+    (`PrefillView.cut`). Per-layer budgets, cache heads, observations and per-head slot counts are the wrapped
+    policy's."""
+
+    policy: Policy
+    share: float = 0.2
+
+    def __post_init__(self):
+        self.check_policy()
+        if isinstance(self.share, bool) or not isinstance(self.share, (int, float)):
+            raise TypeError(f"share must be a number, got {type(self.share).__name__} ({self.share!r})")
+        if not 0 < self.share < 1:
+            raise ValueError(f"share is the budget's share reserved for the prompt's boundaries: it must be within "
+                             f"(0, 1), got {self.share}")
+
+    @property
+    def per_head_slots(self) -> bool:
+        return self.policy.per_head_slots
+
+    def edge(self, budget: int) -> int:
+        """Positions reserved at each boundary of a prompt kept at `budget`."""
+        return min(int(self.share * budget / 2), (budget - self.window_size) // 2)
+
+    def split(self, n: int, budget: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reserved, others) of an n-position prompt kept at `budget`: long (2 x edge,) and the rest, ascending."""
+        edge, window = self.edge(budget), self.window_size
+        reserved = torch.cat([torch.arange(edge), torch.arange(n - window - edge, n - window)])
+        others = torch.cat([torch.arange(edge, n - window - edge), torch.arange(n - window, n)])
+        return reserved.to(device), others.to(device)
+
+    def select(self, view: PrefillView, budget: int) -> torch.Tensor:
+        reserved, others = self.split(view.length, budget, view.keys.device)
+        chosen = keep_among(self.policy, view, others, budget - reserved.numel())
+        reserved = reserved.expand(*chosen.shape[:2], -1)
+        return torch.cat([reserved, chosen], dim=-1).sort(dim=-1).values
+
+    def ranking(self, view: PrefillView, budget: int) -> torch.Tensor:
+        """The reserved positions, then the others as the wrapped policy ranks them."""
+        reserved, others = self.split(view.length, budget, view.keys.device)
+        ranked = rank_among(self.policy, view, others, budget - reserved.numel())
+        return torch.cat([reserved.expand(*ranked.shape[:2], -1), ranked], dim=-1)
+
+
+@dataclass(frozen=True)
+class SpanKeeping(WrappingPolicy):
+    """Keep whole units of text: a position the wrapped policy keeps brings the rest of its `unit` ("word": a run
+    of tokens with no whitespace or punctuation between them, so a number's digits are one unit; "line";
+    "sentence": `snapkv.core.units`), within the budget.
+
+    The window is kept; then the wrapped policy's ranking (`Policy.ranking`: a score's order, the reserved positions
+    first for BoundaryProtection) is walked, each position bringing its whole unit, until the budget (window
+    included) is full. The first unit that does not fit is cut to its best-ranked positions, which fill the budget
+    exactly: at most one kept unit is partial. Every head keeps `budget` positions (a wrapped AdaKV lends its
+    ranking, not its per-head counts).
+
+    Units come from the prompt's token ids (the observation "input_ids") and the tokenizer: give `tokenizer=` (any
+    transformers tokenizer); it is kept as `token_roles`, a short string of each token id's role (`units.token_roles`),
+    so the policy stays frozen, hashable and saved in a KV pack.
+    """
+
+    policy: Policy
+    tokenizer: InitVar[object] = None
+    unit: str = "word"
+    token_roles: str = field(default="", repr=False)
+
+    def __post_init__(self, tokenizer):
+        self.check_policy()
+        if self.unit not in units.UNITS:
+            raise ValueError(f"unit must be one of {units.UNITS}, got {self.unit!r}")
+        if tokenizer is not None:
+            if self.token_roles:
+                raise TypeError("give SpanKeeping a tokenizer or its token_roles, not both")
+            object.__setattr__(self, "token_roles", units.token_roles(tokenizer))
+        if not self.token_roles:
+            raise ValueError("SpanKeeping finds units in the token text: give the model's tokenizer, "
+                             "SpanKeeping(policy, tokenizer=tokenizer)")
+        units.decode_roles(self.token_roles)
+
+    @property
+    def observes(self) -> frozenset[str]:
+        return self.policy.observes | {"input_ids"}
+
+    def select(self, view: PrefillView, budget: int) -> torch.Tensor:
+        unit_of = units.unit_index(view.input_ids, units.decode_roles(self.token_roles), self.unit)
+        return units.span_positions(self.policy.ranking(view, budget), unit_of, budget, self.window_size)

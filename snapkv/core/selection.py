@@ -93,6 +93,15 @@ def top_positions(scores: torch.Tensor, k: int, tail: int) -> torch.Tensor:
     return torch.cat([top, window], dim=-1).sort(dim=-1).values
 
 
+def ranked_positions(scores: torch.Tensor, tail: int) -> torch.Tensor:
+    """Every position, best first: the last `tail` positions, then the prefix by descending score (ties: the
+    earlier position first). scores: (batch, cache_heads, n - tail). Returns long (batch, cache_heads, n); its
+    first k + tail entries are `top_positions(scores, k, tail)` when no scores tie at the cut."""
+    b, h, prefix = scores.shape
+    window = torch.arange(prefix, prefix + tail, device=scores.device).expand(b, h, tail)
+    return torch.cat([window, scores.argsort(dim=-1, descending=True, stable=True)], dim=-1)
+
+
 def select_per_row(select_row, padding_mask: torch.Tensor, budget: int) -> torch.Tensor:
     """Select on each row's real tokens alone, so a padded batch keeps what its rows keep alone.
 

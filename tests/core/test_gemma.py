@@ -25,7 +25,8 @@ LONG = 700  # tokens: longer than the 512-token sliding window
 
 # -- fast: the table, the missing-wheel error, joining chunks -------------------------------------------
 def test_embedded_models_are_listed_by_name():
-    assert loading.EMBEDDED_MODEL_NAMES == ("SmolLM2-135M-Instruct", GEMMA)
+    assert loading.EMBEDDED_MODEL_NAMES == ("SmolLM2-135M-Instruct", GEMMA, "qwen2.5-coder-0.5b-instruct",
+                                            "qwen2.5-coder-1.5b-instruct")  # by size
     assert loading.EMBEDDED_MODELS[GEMMA].install_command == GEMMA_INSTALL
     assert loading.EMBEDDED_MODELS[loading.DEFAULT_MODEL_ID].install_command == loading.INSTALL_COMMAND
     assert loading.EMBEDDED_MODELS[GEMMA].chat_template is None  # a base model: plain Question/Answer prompts

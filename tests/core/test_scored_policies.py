@@ -7,7 +7,7 @@ from typing import ClassVar
 import pytest
 import torch
 from reference import masked_decode_logits
-from tiny_models import greedy, prompt_ids, tiny_config, tiny_model
+from tiny_models import greedy, prompt_ids, tiny_config, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama import modeling_llama
@@ -15,6 +15,7 @@ from transformers.models.llama import modeling_llama
 import snapkv
 
 PROMPT, WINDOW, BUDGET = 60, 8, 24
+TOKENIZER = tiny_tokenizer()  # for the methods that read token text (`snapkv.core.registry.needs_tokenizer`)
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ def test_only_what_a_policy_observes_is_recorded(model):
 
 # -- the engine's contracts, for every registered method ---------------------------------------------------
 def registered(budget):
-    return [(name, snapkv.method_policy(name, budget, window_size=WINDOW, kernel_size=3))
+    return [(name, snapkv.method_policy(name, budget, window_size=WINDOW, kernel_size=3, tokenizer=TOKENIZER))
             for name in snapkv.method_names()]
 
 
@@ -134,7 +135,7 @@ def test_every_registered_method_changes_nothing_when_the_budget_covers_the_prom
 
 @pytest.mark.parametrize("name", snapkv.method_names())
 def test_every_registered_method_decodes_as_the_masked_full_cache(model, name):
-    policy = snapkv.method_policy(name, BUDGET, window_size=WINDOW, kernel_size=3)
+    policy = snapkv.method_policy(name, BUDGET, window_size=WINDOW, kernel_size=3, tokenizer=TOKENIZER)
     ids = prompt_ids()
     with snapkv.compress(model, policy) as session:
         tokens, logits = greedy(model, ids)
@@ -145,7 +146,7 @@ def test_every_registered_method_decodes_as_the_masked_full_cache(model, name):
 @pytest.mark.parametrize("name", snapkv.method_names())
 def test_every_registered_method_treats_a_left_padded_batch_as_its_rows(name):
     model = tiny_model("llama")
-    policy = snapkv.method_policy(name, BUDGET, window_size=WINDOW, kernel_size=3)
+    policy = snapkv.method_policy(name, BUDGET, window_size=WINDOW, kernel_size=3, tokenizer=TOKENIZER)
     rows = [prompt_ids(1, n, seed=n) for n in (60, 40)]
     ids = torch.cat([torch.cat([torch.zeros(1, 60 - r.shape[1], dtype=torch.long), r], 1) for r in rows])
     mask = (ids != 0).long()
@@ -166,7 +167,7 @@ def test_every_registered_method_treats_a_left_padded_batch_as_its_rows(name):
 @pytest.mark.parametrize("name", snapkv.method_names())
 def test_every_registered_method_records_what_it_decodes_with(name):
     model = tiny_model("llama")
-    policy = snapkv.method_policy(name, BUDGET, window_size=WINDOW, kernel_size=3)
+    policy = snapkv.method_policy(name, BUDGET, window_size=WINDOW, kernel_size=3, tokenizer=TOKENIZER)
     ids = prompt_ids()
     with snapkv.compress(model, policy) as session, snapkv.record(model, window_size=WINDOW) as rec:
         tokens, logits = greedy(model, ids)

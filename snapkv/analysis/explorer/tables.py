@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from snapkv.core.policies import SnapKV, check_int
-from snapkv.core.registry import method_names, method_policy
+from snapkv.core.registry import method_names, method_policy, needs_tokenizer
 from snapkv.core.selection import GQA_MODES, POOLINGS, aggregate_gqa, pool_scores
 from snapkv.core.trace import Trace
 
@@ -32,7 +32,8 @@ RECORDED = "recorded"  # the positions the engine kept when the trace was record
 def explorer_methods(trace: Trace | None = None) -> list[str]:
     """The methods the explorer can show: every registered method that scores with the window's votes (what a
     trace holds), then "recorded" when `trace` was recorded under compression."""
-    voting = [name for name in method_names() if isinstance(method_policy(name, SnapKV.max_capacity_prompt), SnapKV)]
+    voting = [name for name in method_names()
+              if not needs_tokenizer(name) and isinstance(method_policy(name, SnapKV.max_capacity_prompt), SnapKV)]
     compressed = trace is not None and bool(trace.metadata.get("compressed_layers"))
     return voting + [RECORDED] * compressed
 

@@ -348,7 +348,7 @@ def _retention_at(retention: pd.DataFrame, window: int, kernel, budget: int) -> 
     return float(row["mean"].iloc[0]) if len(row) else float("nan")
 
 
-def _chosen_cells(frame: pd.DataFrame) -> pd.DataFrame:
+def chosen_cells(frame: pd.DataFrame) -> pd.DataFrame:
     """The rows of the cells the full cache answers when there are any, else those of all prompts."""
     return frame[frame.cells == (ANSWERED if (frame.cells == ANSWERED).any() else ALL_PROMPTS)]
 
@@ -356,7 +356,7 @@ def _chosen_cells(frame: pd.DataFrame) -> pd.DataFrame:
 def needle_width(accuracy: pd.DataFrame, window_size: int, enough: float = ENOUGH) -> int | None:
     """The smallest kernel that is enough (accuracy >= `enough` x the full cache's, on the needle prompts the full
     cache answers) at every budget run at `window_size`; None when no kernel is. accuracy: `accuracy_by_kernel`."""
-    part = _chosen_cells(accuracy[(accuracy.experiment == "needle") & (accuracy.window_size == window_size)])
+    part = chosen_cells(accuracy[(accuracy.experiment == "needle") & (accuracy.window_size == window_size)])
     if part.empty:
         return None
     part = part.assign(ok=part["mean"] >= enough * part.full_cache)
@@ -380,7 +380,7 @@ def needle_width_reading(accuracy: pd.DataFrame, retention: pd.DataFrame, value_
     retention: `value_retention_by_kernel`; value_tokens: the value's length in tokens (e.g. the median of
     `needle_sweep`'s value_tokens)."""
     needs = needed_kernel(accuracy, enough)
-    needle = _chosen_cells(needs[(needs.experiment == "needle") & (needs.window_size == window_size)])
+    needle = chosen_cells(needs[(needs.experiment == "needle") & (needs.window_size == window_size)])
     needle = needle.sort_values("budget")
     if needle.empty:
         return f"No needle rows at window {window_size}: nothing to read."
@@ -418,14 +418,14 @@ def needle_width_reading(accuracy: pd.DataFrame, retention: pd.DataFrame, value_
     elif pd.notna(paper):
         lines.append(f"The share of pairs keeping the whole value does not explain it here ({wide:.0%} at kernel "
                      f"{width}, {paper:.0%} at kernel {PAPER_KERNEL}).")
-    part = _chosen_cells(accuracy[(accuracy.experiment == "needle") & (accuracy.window_size == window_size)])
+    part = chosen_cells(accuracy[(accuracy.experiment == "needle") & (accuracy.window_size == window_size)])
     too_wide = part[(part.kernel_size > width) & (part["mean"] < enough * part.full_cache)].sort_values(
         ["budget", "kernel_size"])
     if len(too_wide):
         lines.append("Wider is not always better: " + ", ".join(
             f"kernel {r.kernel_size} scores {r.mean:.2f} at budget {r.budget}" for r in too_wide.itertuples())
             + " (a small budget holds fewer wide clusters).")
-    suite = _chosen_cells(accuracy[(accuracy.experiment == "task suite") & (accuracy.window_size == window_size)])
+    suite = chosen_cells(accuracy[(accuracy.experiment == "task suite") & (accuracy.window_size == window_size)])
     kernels = sorted(suite.kernel_size.unique())
     if kernels:
         at = next((k for k in kernels if k >= width), kernels[-1])
@@ -481,4 +481,67 @@ def hit_rate_width_reading(summary: pd.DataFrame, window_size: int, width: int |
                      f"hit rate falls by {drop:.2f}, since a set of the same size spends its positions on the "
                      "neighbours of fewer voted tokens; what the wider kernel gains on the needle is whole values, "
                      "not a better guess of what the answer attends to.")
+    return "\n".join(lines)
+
+
+# -- across models (notebook 12) -----------------------------------------------------------------------------
+def accuracy_by_kernel_by_model(table: pd.DataFrame) -> pd.DataFrame:
+    """`accuracy_by_kernel` per model and experiment, at the main window (the one each model ran most kernels
+    at) and the budget every model ran (the smallest shared one), with a `model` column in the table's order.
+
+    table: notebook 10's rows (`10_cluster_width.csv`) of several models, stacked with a `model` column."""
+    models = list(dict.fromkeys(table.model))
+    compressed = table[table.method != "full"]
+    budgets = set.intersection(*(set(compressed[compressed.model == m].budget.dropna().astype(int)) for m in models))
+    if not budgets:
+        raise ValueError("the models ran no budget in common: run notebook 10 at one shared budget on each")
+    budget = min(budgets)
+    frames = []
+    for model in models:
+        for experiment, part in table[table.model == model].groupby("experiment", sort=False):
+            accuracy = accuracy_by_kernel(part, experiment)
+            windows = accuracy.groupby("window_size").kernel_size.nunique()
+            main = accuracy[(accuracy.window_size == windows.idxmax()) & (accuracy.budget == budget)]
+            frames.append(main.assign(model=model))
+    return pd.concat(frames, ignore_index=True)
+
+
+def kernel_by_model_reading(accuracy: pd.DataFrame, enough: float = ENOUGH) -> str:
+    """Notebook 12: per model (in size order), the paper's kernel against the widest one and the smallest kernel
+    that is enough (>= `enough` x the full cache, on the prompts the full cache answers) for the needle and the
+    suite; then whether that kernel is the same at every size. accuracy: `accuracy_by_kernel_by_model`."""
+    models = list(dict.fromkeys(accuracy.model))
+    budget = int(accuracy.budget.iloc[0])
+    lines = [f"Accuracy against the pooling kernel at budget {budget} on {len(models)} model(s), on the prompts the "
+             f"full cache answers where there are any (n = prompts):"]
+    needed: dict[str, dict[str, int | None]] = {}
+    for model in models:
+        part = accuracy[accuracy.model == model]
+        texts = []
+        for experiment, group in part.groupby("experiment", sort=False):
+            group = chosen_cells(group).sort_values("kernel_size")
+            means = group.set_index("kernel_size")["mean"]
+            target = enough * group.full_cache.iloc[0]
+            reached = means[means >= target] if target > 0 else means.iloc[0:0]
+            needed.setdefault(experiment, {})[model] = int(reached.index[0]) if len(reached) else None
+            widest = int(means.index.max())
+            text = (f"{experiment} kernel {PAPER_KERNEL} {means.get(PAPER_KERNEL, float('nan')):.2f}, kernel {widest} "
+                    f"{means[widest]:.2f} (full cache {group.full_cache.iloc[0]:.2f}, n = {int(group.samples.max())})")
+            texts.append(text + ("; enough from kernel " + str(needed[experiment][model]) if len(reached)
+                                 else "; no kernel enough"))
+        lines.append(f"- {model}: " + "; ".join(texts) + ".")
+    for experiment, by_model in needed.items():
+        if len(by_model) < 2:
+            continue
+        kernels = set(by_model.values())
+        if len(kernels) == 1:
+            kernel = kernels.pop()
+            lines.append(f"**{experiment.capitalize()}: the same at every size:** " + (
+                f"kernel {kernel} is the smallest that is enough on every model." if kernel is not None
+                else "no kernel run is enough on any model."))
+        else:
+            lines.append(f"**{experiment.capitalize()}: changes with size:** the smallest kernel that is enough is "
+                         + ", ".join(f"{m} {k if k is not None else 'none'}" for m, k in by_model.items()) + ".")
+    if len(models) < 2:
+        lines.append(f"Only {', '.join(models)} has notebook 10's rows: nothing to compare across models.")
     return "\n".join(lines)

@@ -12,7 +12,7 @@ import seaborn as sns
 from matplotlib.colors import to_hex
 from plotly.subplots import make_subplots
 
-from snapkv.analysis.quality.cluster_width import HIT_RATE_MEASURES, PAPER_KERNEL, RETENTION_MEASURES
+from snapkv.analysis.quality.cluster_width import HIT_RATE_MEASURES, PAPER_KERNEL, RETENTION_MEASURES, chosen_cells
 
 LINE_STYLES = ("-", "--", ":", "-.")
 PLOTLY_DASHES = ("solid", "dash", "dot", "dashdot")
@@ -21,7 +21,7 @@ PLOTLY_MARKERS = ("circle", "square", "triangle-up", "diamond")
 
 
 def _label(column: str, value) -> str:
-    return f"{column.removesuffix('_size')} {value}"
+    return str(value) if column == "model" else f"{column.removesuffix('_size')} {value}"
 
 
 def _spread(kernels: list, octaves: float) -> list:
@@ -35,12 +35,14 @@ def _spread(kernels: list, octaves: float) -> list:
 
 
 def _kernel_panels(summary: pd.DataFrame, panel: str, panels: list, color: str, style: str | None, title: str,
-                   ylabels: dict, full_cache: dict | None = None, unit_range: set | None = None):
+                   ylabels: dict, full_cache: dict | None = None, unit_range: set | None = None,
+                   colors: list | None = None):
     """One panel per value of `panel`, x = kernel_size, one line per value of `color` (and line style and marker
     per value of `style`, if given): the mean, with its 95% band (ci_low..ci_high) for the first style, as error
-    bars in plotly; `full_cache` {panel: value} draws a grey dashed line; panels in `unit_range` span 0..1."""
+    bars in plotly; `full_cache` {panel: value} draws a grey dashed line; panels in `unit_range` span 0..1;
+    `colors`: the values of `color` in legend order (default: sorted)."""
     style = style or color
-    colors = sorted(summary[color].unique())
+    colors = colors or sorted(summary[color].unique())
     styles = sorted(summary[style].unique())
     palette = dict(zip(colors, sns.color_palette("viridis", len(colors))))
     kernels = sorted(summary.kernel_size.unique())
@@ -56,7 +58,7 @@ def _kernel_panels(summary: pd.DataFrame, panel: str, panels: list, color: str, 
                                              line={"color": "grey", "dash": "dash"}, name="full cache",
                                              legendgroup="full", showlegend=column == 1), row=1, col=column)
         ax.axvline(PAPER_KERNEL, color="#bbbbbb", linewidth=0.8, zorder=0)
-        for (value, kind), group in part.groupby([color, style], sort=True):
+        for (value, kind), group in sorted(part.groupby([color, style]), key=lambda item: colors.index(item[0][0])):
             group = group.sort_values("kernel_size")
             dash = styles.index(kind) % len(LINE_STYLES)
             label = _label(color, value) + (f", {_label(style, kind)}" if style != color else "")
@@ -123,3 +125,15 @@ def hit_rate_by_kernel_figure(summary: pd.DataFrame, caption: str):
     ylabels = {m: ("tokens" if "width" in m else "share") for m in panels}
     return _kernel_panels(summary, "measure", panels, "window_size", None,
                           f"Observation hit rate with pooled votes ({caption})", ylabels, None, unit)
+
+
+def accuracy_by_kernel_by_model_figure(accuracy: pd.DataFrame, caption: str):
+    """Notebook 12: accuracy against the pooling kernel at one budget, one panel per experiment, one colour per
+    model (in size order); the full cache's accuracy per model is in the reading (it differs by model).
+    accuracy: `cluster_width.accuracy_by_kernel_by_model`."""
+    frame = pd.concat([chosen_cells(part) for _, part in accuracy.groupby(["model", "experiment"], sort=False)])
+    frame = frame.assign(panel=frame.experiment + ": " + frame.cells)
+    panels = list(dict.fromkeys(frame.panel))
+    return _kernel_panels(frame, "panel", panels, "model", None,
+                          f"Accuracy against the pooling kernel by model ({caption})", dict.fromkeys(panels, "accuracy"),
+                          None, set(panels), colors=list(dict.fromkeys(accuracy.model)))

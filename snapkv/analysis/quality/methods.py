@@ -9,11 +9,15 @@ from typing import ClassVar
 from snapkv import Policy, method_names, method_policy
 from snapkv.analysis.quality.prompts import DEFAULT_DEPTHS, DEFAULT_LENGTHS, TASKS
 from snapkv.core.policies import check_int
-from snapkv.core.registry import KERNEL_SIZE, WINDOW_SIZE
+from snapkv.core.registry import KERNEL_SIZE, WINDOW_SIZE, needs_tokenizer
 
 DEFAULT_BUDGETS = (128, 256, 512, 1024)
 ABLATION_BUDGETS = (128,)
-METHODS = method_names()  # the built-in methods (`snapkv.register_method` adds more; `method_names()` lists all)
+# the question-aware comparison (the full profile's grid): SnapKV, its variants and successors, the baselines and the
+# question-agnostic scores; every registered method may be named (`method_names()`; the +span/+boundary wrappers and
+# the question-agnostic setting are notebook 14's)
+METHODS = ("full", "snapkv", "adakv", "pyramidkv", "chunkkv", "streaming", "random", "h2o", "snapkv-avgpool",
+           "snapkv-nopool", "knorm", "expected-attention", "kvzip")
 SUCCESSORS = ("adakv", "pyramidkv", "chunkkv")  # SnapKV's arguments, their own defaults
 CALIBRATED = "snapkv-calibrated"  # `snapkv.calibrate`'s SnapKV at each budget
 SNAPKV_FAMILY = ("snapkv", CALIBRATED, *SUCCESSORS)  # SnapKV and its successors
@@ -56,16 +60,20 @@ def check_methods(methods, budgets, ablation_budgets=ABLATION_BUDGETS, *, window
 
 
 def method_grid(methods=DEFAULT_METHODS, budgets=DEFAULT_BUDGETS, ablation_budgets=ABLATION_BUDGETS, *,
-                window_size: int = WINDOW_SIZE, kernel_size: int = KERNEL_SIZE) -> list[Method]:
+                window_size: int = WINDOW_SIZE, kernel_size: int = KERNEL_SIZE, tokenizer=None) -> list[Method]:
     """Every (method, budget) to run: the full cache once, the pooling variants at `ablation_budgets`,
-    the other methods at every budget."""
+    the other methods at every budget. tokenizer: for the methods that need one (`registry.needs_tokenizer`:
+    KVzip's repeat prompt, SpanKeeping's units); without it they raise before anything runs."""
     check_methods(methods, budgets, ablation_budgets, window_size=window_size)
+    missing = [name for name in methods if tokenizer is None and needs_tokenizer(name)]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} need(s) the tokenizer: pass method_grid(..., tokenizer=tokenizer)")
     grid = []
     for name in methods:
         chosen = [None] if name == "full" else ablation_budgets if name in ABLATION_METHODS else budgets
         for budget in sorted(set(chosen), key=lambda b: -1 if b is None else b):
             grid.append(Method(name, budget, method_policy(name, budget, window_size=window_size,
-                                                           kernel_size=kernel_size)))
+                                                           kernel_size=kernel_size, tokenizer=tokenizer)))
     return grid
 
 
@@ -135,6 +143,7 @@ class TaskSettings:
     kernel_size: int = KERNEL_SIZE
     calibrated: bool = True  # also "snapkv-calibrated" (see NeedleSettings)
     DEFAULT: ClassVar[dict] = dict(tasks=("single_key", "multi_key"), lengths=DEFAULT_PROFILE_LENGTHS, samples=2,
-                                   methods=FINDING_METHODS, budgets=DEFAULT_PROFILE_BUDGETS, calibration_samples=2)
+                                   methods=FINDING_METHODS, budgets=DEFAULT_PROFILE_BUDGETS, calibration_samples=2,
+                                   modes=("question-aware",))  # question-agnostic: notebook 14's leaderboard
     QUICK: ClassVar[dict] = dict(tasks=("single_key",), lengths=QUICK_LENGTHS, samples=1, methods=QUICK_METHODS,
                                  budgets=QUICK_BUDGETS, calibration_samples=1, calibrated=False)

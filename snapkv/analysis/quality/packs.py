@@ -240,7 +240,7 @@ def question_cost(model, tokenizer, settings: PackSettings = PackSettings(), *, 
     (task, length) groups the full cache solves (`calibrated_evaluate`). One row per (prompt, mode, method,
     budget), as `quality.evaluate`."""
     grid = method_grid(settings.methods, settings.budgets, (), window_size=settings.window_size,
-                       kernel_size=settings.kernel_size)
+                       kernel_size=settings.kernel_size, tokenizer=tokenizer)
     needles = needle_prompts(tokenizer, lengths=settings.quality_lengths, depths=settings.depths, samples=1,
                              seed=settings.seed, haystack_text=haystack_text)
     suite = task_prompts(tokenizer, tasks=settings.tasks, lengths=settings.quality_lengths, samples=settings.samples,

@@ -28,7 +28,7 @@ import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from snapkv.analysis.reporting import notebooks as runner
 from snapkv.analysis.reporting import runs
-from snapkv.analysis.reporting.setup import check_profile
+from snapkv.analysis.reporting.setup import PROFILES, check_profile
 from snapkv.core import check_int
 from snapkv.core.files import atomic_write_text
 
@@ -50,10 +50,16 @@ MODELS = runs.MODELS  # <out>/models/NAME/: a second model's pass
 
 @dataclass(frozen=True)
 class ModelPass:
-    """Notebooks (by stem) run a second time with `model_name`, into `<out>/models/<model_name>/`."""
+    """Notebooks (by stem) run again with `model_name`, into `<out>/models/<model_name>/`, in the profiles of
+    `profiles` (every profile by default), those of `full_only` in the full profile only (both: or with
+    `all_models`); `parameters` {profile: {notebook stem: {name: value}}} sizes a larger model's runs below the
+    profile's own counts (its figures say n)."""
 
     model_name: str
     notebooks: tuple[str, ...]
+    profiles: tuple[str, ...] = PROFILES
+    parameters: dict = field(default_factory=dict)
+    full_only: tuple[str, ...] = ()
 
     def folder(self, out_dir) -> Path:
         return Path(out_dir) / MODELS / self.model_name
@@ -61,10 +67,39 @@ class ModelPass:
     def part(self, notebook: Path) -> str:
         return f"{self.model_name}/{notebook.name}"
 
+    def notebook_parameters(self, profile: str, notebook: Path) -> dict:
+        """The sizes of `notebook` in `profile`, sequences as lists (papermill writes a tuple as its text)."""
+        sizes = self.parameters.get(profile, {}).get(notebook.stem, {})
+        return {name: list(value) if isinstance(value, tuple) else value for name, value in sizes.items()}
 
-# the one list of second models and the notebooks each runs (issue #16: every headline figure on both models)
-MODEL_PASSES = (ModelPass("gemma-3-270m", ("01_hit_rate_along_generation", "03_questions_same_document",
-                                           "06_needle", "07_task_suite")),)
+
+ACROSS_MODELS = ("01_hit_rate_along_generation", "06_needle", "07_task_suite", "10_cluster_width")
+LEADERBOARD = "14_query_agnostic"  # on SmolLM2 and gemma in every profile; on the Qwen models in the full one
+# notebook 10 on a second model in the default profile: the kernel that keeps whole values (5 against 31) at one budget
+SECOND_MODEL_CLUSTER_WIDTH = dict(kernel_sizes=(5, 31), budgets=(128,), other_window_sizes=(), needle_lengths=(1000,),
+                                  needle_depths=(0.1, 0.5, 0.9), needle_samples=1, tasks=("single_key",),
+                                  task_lengths=(1000,), task_samples=1, task_kernel_sizes=(5, 31),
+                                  hit_rate_samples=1)
+# the default profile's counts on the Qwen 0.5B: what fits the main job's half hour beside the small models (a
+# 1,000-token prefill takes about 10 s on it, 4x SmolLM2's, and calibrating SnapKV at two budgets 10 minutes: the
+# calibrated SnapKV runs in the full profile; the 1.5B costs about 3x more: full profile, or --all-models at these)
+QWEN_DEFAULT = {
+    "01_hit_rate_along_generation": dict(n_samples=2, n_sensitivity=1),
+    "06_needle": dict(lengths=(1000,), depths=(0.1, 0.5, 0.9), methods=("full", "snapkv", "chunkkv"),
+                      budgets=(128, 512), calibrated=False),
+    "07_task_suite": dict(tasks=("single_key",), lengths=(1000,), samples=2, methods=("full", "snapkv"),
+                          budgets=(128, 512), calibration_samples=2, calibrated=False),
+    "10_cluster_width": SECOND_MODEL_CLUSTER_WIDTH,
+}
+# the one list of second models and the notebooks each runs: every cross-model figure on every embedded model
+MODEL_PASSES = (
+    ModelPass("gemma-3-270m", ("01_hit_rate_along_generation", "03_questions_same_document", *ACROSS_MODELS[1:],
+                               LEADERBOARD), parameters={"default": {"10_cluster_width": SECOND_MODEL_CLUSTER_WIDTH}}),
+    ModelPass("qwen2.5-coder-0.5b-instruct", (*ACROSS_MODELS, LEADERBOARD), profiles=("default", "full"),
+              parameters={"default": QWEN_DEFAULT}, full_only=(LEADERBOARD,)),
+    ModelPass("qwen2.5-coder-1.5b-instruct", (*ACROSS_MODELS, LEADERBOARD), profiles=("full",),
+              parameters={"default": QWEN_DEFAULT}, full_only=(LEADERBOARD,)),
+)
 # notebooks that compare the passes: they run after them
 AFTER_MODEL_PASSES = ("12_across_models",)
 
@@ -98,13 +133,14 @@ def reproduce(out_dir="reports", *, notebook_dir="notebooks", profile: str = "de
               device: str | None = None, dtype: str | None = None, parameters: dict | None = None,
               force: bool = False, benchmarks: list[Benchmark] | None = None, workers: int | None = None,
               kernel_name: str | None = None, execution_timeout: float | None = None,
-              progress: bool = True) -> pd.DataFrame:
+              progress: bool = True, all_models: bool = False) -> pd.DataFrame:
     """Run every part (notebooks, then benchmarks) into `out_dir` and write `out_dir/index.html`.
 
     profile: "default" (every figure, sized for its finding: about 30 minutes on a 2-core CPU), "full" (paper
     scale, meant for a GPU) or "quick" (a smoke run); passed to every notebook (`setup.PROFILES`).
     model_name: passed as the `model_name` parameter to the notebooks that declare it (None: their default, and
-    the `MODEL_PASSES` run too; a model given here means one model: no second-model pass).
+    the `MODEL_PASSES` of the profile run too; a model given here means one model: no other model's pass).
+    all_models: run every `MODEL_PASSES` entry whatever the profile (the Qwen 1.5B is in the full profile only).
     device, dtype: passed as the `device` / `dtype` parameters to the notebooks that declare them, e.g. "cuda"
     and "bfloat16" on a GPU (None: their default, CPU float32); checked before anything runs.
     parameters: extra papermill parameters for every notebook; notebooks that declare `interactive` get
@@ -125,7 +161,7 @@ def reproduce(out_dir="reports", *, notebook_dir="notebooks", profile: str = "de
     if benchmarks is None:
         benchmarks = default_benchmarks(Path(notebook_dir).resolve().parent / BENCHMARKS)
     parts = notebook_parts(out_dir, notebooks, profile=profile, model_name=model_name, device=device, dtype=dtype,
-                           parameters=parameters)
+                           parameters=parameters, all_models=all_models)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for part in parts:
@@ -170,7 +206,7 @@ class NotebookPart:
 
 
 def notebook_parts(out_dir, notebooks: list[Path], *, profile: str, model_name=None, device=None, dtype=None,
-                   parameters=None) -> list[NotebookPart]:
+                   parameters=None, all_models: bool = False) -> list[NotebookPart]:
     """Every notebook run of the main job, in order: the notebooks on the default model, each `MODEL_PASSES`
     entry (unless `model_name` chose one model), then the `AFTER_MODEL_PASSES` notebooks, which wait for all the
     others. Within a model, a notebook of `WAITS_FOR` waits for the one it names (they share a cache)."""
@@ -180,7 +216,10 @@ def notebook_parts(out_dir, notebooks: list[Path], *, profile: str, model_name=N
     passes = [(None, out_dir, optional, notebooks, None)]
     if model_name is None:
         for model_pass in MODEL_PASSES:
-            chosen = [notebook for notebook in notebooks if notebook.stem in model_pass.notebooks]
+            if profile not in model_pass.profiles and not all_models:
+                continue
+            chosen = [notebook for notebook in notebooks if notebook.stem in model_pass.notebooks and (
+                profile == "full" or all_models or notebook.stem not in model_pass.full_only)]
             pass_optional = optional | {MODEL_PARAMETERS[0]: model_pass.model_name}
             passes.append((model_pass, model_pass.folder(out_dir), pass_optional, chosen,
                            _missing_model(model_pass.model_name)))
@@ -191,8 +230,16 @@ def notebook_parts(out_dir, notebooks: list[Path], *, profile: str, model_name=N
             name = model_pass.part(notebook) if model_pass else notebook.name
             waits = WAITS_FOR.get(notebook.stem)
             after = ((model_pass.part(Path(waits + ".ipynb")) if model_pass else waits + ".ipynb"),) if waits else ()
-            part = NotebookPart(name, notebook, folder, out_dir, runner.notebook_parameters(notebook, common,
-                                chosen_optional), after, missing)
+            sized = dict(chosen_optional)
+            if model_pass is not None:
+                sizes = model_pass.notebook_parameters(profile, notebook)
+                unknown = set(sizes) - set(runner.declared_parameters(notebook))
+                if unknown:
+                    raise ValueError(f"{model_pass.model_name}'s sizes for {notebook.name} name parameters it does "
+                                     f"not declare: {', '.join(sorted(unknown))}")
+                sized |= sizes
+            part = NotebookPart(name, notebook, folder, out_dir, runner.notebook_parameters(notebook, common, sized),
+                                after, missing)
             (last if model_pass is None and notebook.stem in AFTER_MODEL_PASSES else parts).append(part)
     every = tuple(part.name for part in parts)
     return parts + [NotebookPart(p.name, p.notebook, p.folder, p.record_dir, p.parameters, every) for p in last]
@@ -590,13 +637,17 @@ def headline_findings(out_dir) -> list[Finding]:
     run, from `<out>/models/NAME/figures`), the overlap of two questions' voted sets (03), needle retention per
     method relative to the full cache (06), suite accuracy at the largest budget (07), needle accuracy of the
     paper's kernel against the widest (10), decode speed-up and memory at the longest prompt (08; one measurement
-    each). A finding whose CSV is missing or unreadable says so instead of a number."""
+    each), the best question-agnostic method with 75% of the prompt removed (14; also on every other model). A
+    finding whose CSV is missing or unreadable says so instead of a number."""
     figures = Path(out_dir) / FIGURES
     findings = []
     computations = [(compute, figures) for compute in (_hit_rate_findings, _overlap_findings, _needle_findings,
-                                                       _suite_findings, _cluster_width_findings, _speed_findings)]
-    computations += [(_hit_rate_findings, folder / FIGURES) for folder in sorted((Path(out_dir) / MODELS).glob("*"))
-                     if (folder / FIGURES / "01_hit_rate_along_generation.csv").is_file()]
+                                                       _suite_findings, _cluster_width_findings, _speed_findings,
+                                                       _leaderboard_findings)]
+    for folder in sorted((Path(out_dir) / MODELS).glob("*")):
+        computations += [(compute, folder / FIGURES) for compute, name in (
+            (_hit_rate_findings, "01_hit_rate_along_generation"), (_leaderboard_findings, "14_leaderboard"))
+            if (folder / FIGURES / f"{name}.csv").is_file()]
     for compute, folder in computations:
         try:
             found = compute(folder)
@@ -661,6 +712,29 @@ def _cluster_width_findings(figures: Path) -> list[Finding]:
                           f"budget {int(budget)} (window {int(main.window_size.min())})",
                           main[(main.kernel_size == kernel) & (main.budget == budget)], "score", "prompts", name)
             for kernel in dict.fromkeys(chosen)]
+
+
+def _leaderboard_findings(figures: Path) -> list[Finding]:
+    """Per experiment: the question-agnostic method with the highest accuracy relative to the full cache when 75%
+    of the prompt is removed (a pack keeping a quarter of the document), on the prompts the full cache answers."""
+    from snapkv.analysis.quality import leaderboard
+
+    name = "14_leaderboard"
+    rows = _read_csv(figures, name)
+    if rows is None:
+        return _not_written("leaderboard", "Question-agnostic leaderboard", name)
+    solved = leaderboard.answered(rows)
+    agnostic = solved[solved["mode"] == "question-agnostic"]
+    removed = 0.75 if (agnostic.removed == 0.75).any() else agnostic.removed.max()  # quick runs: their largest
+    findings = []
+    for experiment, group in agnostic[agnostic.removed == removed].groupby("experiment", sort=False):
+        means = group.groupby("method").score.mean().sort_values(ascending=False, kind="stable")
+        best = means.index[0]
+        findings.append(_mean_finding(
+            f"leaderboard_{experiment.replace(' ', '_')}", f"{experiment.capitalize()}, question-agnostic, "
+            f"{removed * 100:g}% of the prompt removed: best {best}, accuracy relative to the full cache",
+            group[group.method == best], "score", "prompts it answers", name))
+    return findings
 
 
 def _not_written(key: str, what: str, name: str) -> list[Finding]:

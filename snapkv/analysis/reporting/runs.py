@@ -21,11 +21,17 @@ class Run:
 
 
 def model_runs(reports_dir) -> list[Run]:
-    """The main pass first, then each `models/NAME` pass (by name) that has a figures folder. A pass's label is
-    the model_id its figures' JSON records (else NAME; "default model" for the main pass)."""
+    """The main pass first, then each `models/NAME` pass that has a figures folder: the embedded models by size
+    (their order in `loading.EMBEDDED_MODEL_NAMES`), then any other by name. A pass's label is the model_id its
+    figures' JSON records (else NAME; "default model" for the main pass)."""
+    from snapkv.core.loading import EMBEDDED_MODEL_NAMES
+
     reports_dir = Path(reports_dir)
     runs = [Run(_model_id(reports_dir / FIGURES) or "default model", reports_dir / FIGURES)]
-    for folder in sorted((reports_dir / MODELS).glob(f"*/{FIGURES}")):
+    folders = sorted((reports_dir / MODELS).glob(f"*/{FIGURES}"), key=lambda folder: (
+        EMBEDDED_MODEL_NAMES.index(folder.parent.name) if folder.parent.name in EMBEDDED_MODEL_NAMES
+        else len(EMBEDDED_MODEL_NAMES), folder.parent.name))
+    for folder in folders:
         runs.append(Run(_model_id(folder) or folder.parent.name, folder))
     return runs
 

@@ -41,9 +41,11 @@ def profile_overrides(kind, profile: str) -> dict:
 
 def resolve_settings(kind, profile: str, **given):
     """`kind(...)` (a frozen settings dataclass): its defaults (the full profile), then what `profile` changes
-    (`profile_overrides`), then every `given` value that is not None (an explicit value wins)."""
+    (`profile_overrides`), then every `given` value that is not None (an explicit value wins; a list, as papermill
+    passes a sequence, becomes a tuple)."""
     values = dict(profile_overrides(kind, profile))
-    values |= {name: value for name, value in given.items() if value is not None}
+    values |= {name: tuple(value) if isinstance(value, list) else value for name, value in given.items()
+               if value is not None}
     return kind(**values)
 
 

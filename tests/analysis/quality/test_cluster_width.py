@@ -243,6 +243,39 @@ def test_figures_draw_every_budget_window_and_measure():
     assert len(figure.axes) == 4 and {t.name for t in interactive.data} == {"window 16"}
 
 
+
+def models_table(per_model: dict) -> pd.DataFrame:
+    """Notebook 10's rows of several models, stacked with a `model` column: {model: (scores, full)} as in
+    `sweep_table`, each for the needle and, with the same scores, the suite."""
+    frames = [sweep_table(scores, full).assign(experiment=experiment, model=model)
+              for model, (scores, full) in per_model.items() for experiment in ("needle", "task suite")]
+    return pd.concat(frames, ignore_index=True)
+
+
+def test_kernel_by_model_compares_the_shared_budget_at_each_models_main_window_in_table_order():
+    table = models_table({
+        "small": ({(16, 5, 128): [1, 0, 0, 0], (16, 31, 128): [1, 1, 1, 1], (16, 5, 512): [1, 1, 1, 1],
+                   (32, 5, 128): [0, 0, 0, 0]}, [1, 1, 1, 1]),
+        "large": ({(16, 5, 128): [1, 1, 1, 1], (16, 31, 128): [1, 1, 1, 0]}, [1, 1, 1, 0]),
+    })
+    accuracy = cw.accuracy_by_kernel_by_model(table)
+    assert list(dict.fromkeys(accuracy.model)) == ["small", "large"]
+    assert set(accuracy.budget) == {128} and set(accuracy.window_size) == {16}  # 512: small only; 32: one kernel
+    answered = accuracy[accuracy.cells == cw.ANSWERED].set_index(["model", "experiment", "kernel_size"])["mean"]
+    assert answered[("small", "needle", 5)] == 0.25 and answered[("large", "needle", 31)] == 1.0
+    text = cw.kernel_by_model_reading(accuracy)
+    assert "- small: needle kernel 5 0.25, kernel 31 1.00 (full cache 1.00, n = 4); enough from kernel 31" in text
+    assert "- large: needle kernel 5 1.00, kernel 31 1.00 (full cache 1.00, n = 3); enough from kernel 5" in text
+    assert "**Needle: changes with size:** the smallest kernel that is enough is small 31, large 5." in text
+    same = cw.kernel_by_model_reading(cw.accuracy_by_kernel_by_model(models_table({
+        "a": ({(16, 5, 128): [0, 0], (16, 31, 128): [1, 1]}, [1, 1]),
+        "b": ({(16, 5, 128): [1, 0], (16, 31, 128): [1, 1]}, [1, 1])})))
+    assert "**Task suite: the same at every size:** kernel 31 is the smallest that is enough on every model." in same
+    figure, interactive = cw_plots.accuracy_by_kernel_by_model_figure(accuracy, "tiny")
+    assert len(figure.axes) == 2 and [t.name for t in interactive.data][:2] == ["small", "large"]
+    with pytest.raises(ValueError, match="no budget in common"):
+        cw.accuracy_by_kernel_by_model(models_table({"a": ({(16, 5, 128): [1]}, [1]), "b": ({(16, 5, 256): [1]}, [1])}))
+
 @pytest.mark.slow
 def test_wide_kernels_keep_the_whole_value_in_more_heads_on_smollm(smollm):
     model, tokenizer = smollm

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 import torch
-from tiny_models import FAMILIES, AsciiTokenizer, PlainAsciiTokenizer, tiny_model
+from tiny_models import FAMILIES, AsciiTokenizer, PlainAsciiTokenizer, tiny_model, tiny_tokenizer
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
@@ -167,7 +167,8 @@ def _reference_agnostic(model, context, tail, policy, steps):
     return tokens, torch.stack(rows), dict(session.kept_positions)
 
 
-POLICY_GRID = quality.method_grid(quality.METHODS, (24,), (24,), window_size=8, kernel_size=3)
+POLICY_GRID = quality.method_grid(quality.METHODS, (24,), (24,), window_size=8, kernel_size=3,
+                                  tokenizer=tiny_tokenizer())
 
 
 @pytest.mark.parametrize("family", FAMILIES)

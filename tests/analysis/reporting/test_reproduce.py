@@ -14,7 +14,7 @@ from nbformat.v4 import new_code_cell, new_notebook
 
 from snapkv import cli
 from snapkv.analysis.reporting.notebooks import read_run_record
-from snapkv.analysis.reporting.reproduce import Benchmark, default_benchmarks, reproduce, write_index
+from snapkv.analysis.reporting.reproduce import Benchmark, default_benchmarks, notebook_parts, reproduce, write_index
 
 KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
 
@@ -326,7 +326,7 @@ def test_missing_csvs_are_said_not_guessed(tmp_path):
     from snapkv.analysis.reporting.reproduce import headline_findings
 
     findings = headline_findings(tmp_path)
-    assert [f.value for f in findings] == [None] * 6
+    assert [f.value for f in findings] == [None] * 7  # 01, 03, 06, 07, 10, 08 and 14
     assert all("has not written its CSV" in f.text for f in findings)
 
 
@@ -437,11 +437,43 @@ def test_the_model_passes_name_embedded_models_and_existing_notebooks():
     from snapkv.analysis.reporting.reproduce import AFTER_MODEL_PASSES, MODEL_PASSES
     from snapkv.core.loading import EMBEDDED_MODELS
 
-    notebooks = {path.stem for path in (Path(__file__).resolve().parents[3] / "notebooks").glob("*.ipynb")}
+    folder = Path(__file__).resolve().parents[3] / "notebooks"
+    notebooks = {path.stem for path in folder.glob("*.ipynb")}
     for model_pass in MODEL_PASSES:
         assert model_pass.model_name in EMBEDDED_MODELS
         assert set(model_pass.notebooks) <= notebooks
     assert set(AFTER_MODEL_PASSES) <= notebooks
+    assert [p.model_name for p in MODEL_PASSES] == list(EMBEDDED_MODELS)[1:]  # every other embedded model
+    for profile in ("quick", "default", "full"):  # the sizes name parameters the notebooks declare (else: raises)
+        notebook_parts("/tmp/out", sorted(folder.glob("*.ipynb")), profile=profile, all_models=True)
+
+
+def test_a_pass_runs_in_its_profiles_with_its_own_sizes(folders, monkeypatch):
+    from snapkv.analysis.reporting import reproduce as module
+
+    notebooks, out = folders
+    write_notebook(notebooks / "01_first.ipynb", "print(1)",
+                   parameters="profile = 'default'\nreports_dir = '.'\nmodel_name = None\nn_samples = None\n"
+                              "lengths = None")
+    paths = sorted(notebooks.glob("*.ipynb"))
+    sizes = {"default": {"01_first": {"n_samples": 2, "lengths": (1000, 2000)}}}
+    monkeypatch.setattr(module, "MODEL_PASSES", (module.ModelPass("small", ("01_first",)),
+                                                 module.ModelPass("large", ("01_first",), ("full",), sizes)))
+    monkeypatch.setattr(module, "_missing_model", lambda name: None)
+
+    def parts(profile, **kwargs):
+        return {part.name: part.parameters for part in notebook_parts(out, paths, profile=profile, **kwargs)}
+
+    assert list(parts("default")) == ["01_first.ipynb", "small/01_first.ipynb"]
+    assert list(parts("full")) == ["01_first.ipynb", "small/01_first.ipynb", "large/01_first.ipynb"]
+    every = parts("default", all_models=True)
+    assert every["large/01_first.ipynb"]["n_samples"] == 2 and "n_samples" not in every["small/01_first.ipynb"]
+    assert every["large/01_first.ipynb"]["lengths"] == [1000, 2000]  # a list: papermill writes a tuple as text
+    assert "n_samples" not in parts("full")["large/01_first.ipynb"]  # sized for the default profile only
+    monkeypatch.setattr(module, "MODEL_PASSES", (module.ModelPass("bad", ("01_first",),
+                                                                  parameters={"default": {"01_first": {"nope": 1}}}),))
+    with pytest.raises(ValueError, match="01_first.ipynb name parameters it does not declare: nope"):
+        parts("default")
 
 
 STAMP = """

@@ -25,3 +25,10 @@ def test_runs_are_labelled_by_their_model_and_missing_csvs_are_named(tmp_path):
 def test_a_run_without_a_model_id_is_named_by_its_folder(tmp_path):
     (tmp_path / "models" / "gemma-3-270m" / "figures").mkdir(parents=True)
     assert [run.label for run in model_runs(tmp_path)] == ["default model", "gemma-3-270m"]
+
+
+def test_the_embedded_models_come_by_size_and_any_other_model_after_them_by_name(tmp_path):
+    for name in ("zz-local", "qwen2.5-coder-1.5b-instruct", "aa-local", "qwen2.5-coder-0.5b-instruct", "gemma-3-270m"):
+        (tmp_path / "models" / name / "figures").mkdir(parents=True)
+    assert [run.label for run in model_runs(tmp_path)][1:] == [
+        "gemma-3-270m", "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct", "aa-local", "zz-local"]

@@ -23,6 +23,7 @@ def test_resolve_settings_layers_full_defaults_the_profile_and_given_values():
     assert resolve_settings(Example, "quick") == Example(size=2, cut=10)
     assert resolve_settings(Example, "quick", size=5, cut=None, name="x") == Example(size=5, cut=10, name="x")
     assert resolve_settings(Example, "full", size=0) == Example(size=0)  # falsy but given
+    assert resolve_settings(Example, "full", name=["a", "b"]).name == ("a", "b")  # papermill's list: a tuple
 
 
 def test_a_dataclass_without_a_profile_dict_keeps_its_defaults():
