@@ -445,7 +445,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     kvpress = kvpress_status()
-    env = environment(model_id=args.model or DEFAULT_MODEL_ID, device="cpu", dtype="float32", torch_threads=args.threads,
+    env = environment(model_id=args.model or DEFAULT_MODEL_ID, device="cpu", dtype="float32",
+                      torch_threads=args.threads,
                       kvpress=kvpress, malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"))
     configs = configurations(args.lengths, args.long_lengths, args.budgets, args.decode_tokens,
                              kvpress["available"], record=args.record)

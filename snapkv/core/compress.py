@@ -18,6 +18,13 @@ session saw of a prefill, so that many policies share one prefill (with `compat.
 A policy that observes "reconstruction" (KVzip) scores the prompt with forwards of its own on the whole prompt's
 cache (`Policy.reconstruct`): its layers are compressed together, at the end of the prompt's forward (or, when the
 prompt came in chunks, at the forward that compresses it, before it runs), right after those forwards.
+Those scores are computed once per prompt state and reconstruction setting, and shared: a session keeps them in a
+dict keyed by (`policy.reconstruction_key`: KVzip's, through the wrappers, which delegate
+`reconstruct`; the prompt: its ids' shape and values and its padding, i.e. the tokens the cache holds) -> {layer:
+scores}, which `fork` hands to the forked session by reference and which a session starts anew when it sees a
+new prompt (an empty cache). Forks of one observer, each on its own `compat.copy_cache` of the same prefill, thus run
+the reconstruction once per prompt state (after the context; after context + question) for every budget and window
+of one KVzip setting; a fork that needs layers not yet scored scores only those. The scores are read, never changed.
 """
 
 import contextlib
@@ -105,6 +112,9 @@ class CompressionSession(Tap):
         # last call, query emptied), and the policy's scores of the whole prompt
         self._deferred: dict[int, AttentionCall] = {}
         self._reconstruction: dict[int, torch.Tensor] = {}
+        # the current prompt's reconstruction scores {(reconstruction key, prompt): {layer: scores}}, shared with
+        # this session's forks (`fork` hands it on; a new prompt starts a new dict)
+        self._reconstructions: dict[tuple, dict[int, torch.Tensor]] = {}
 
     @classmethod
     def observer(cls, model, policies, prefill_chunk_size: int | None = None) -> "CompressionSession":
@@ -156,6 +166,7 @@ class CompressionSession(Tap):
                 accumulated=state.accumulated if "accumulated_attention" in policy.observes else None,
                 hidden_states=state.hidden_states if "hidden_states" in policy.observes else None,
                 input_ids=state.input_ids if "input_ids" in policy.observes else None)
+        forked._reconstructions = self._reconstructions  # by reference: forks share the reconstruction scores
         return forked
 
     # -- model forward hooks ------------------------------------------------------------------
@@ -165,6 +176,7 @@ class CompressionSession(Tap):
         fresh = self._cache is None or self._cache.get_seq_length() == 0
         if fresh:
             self._arena = SlotArena()
+            self._reconstructions = {}  # a new prompt: forks taken before keep the previous prompt's dict
         if "reconstruction" in self.observes:
             self._follow_prompt(args, kwargs, fresh)
         # the whole prompt in this one forward: compress each layer right after its prefill attention (a policy
@@ -223,7 +235,23 @@ class CompressionSession(Tap):
             raise ValueError(f"{type(self.policy).__name__} reconstructs the whole prompt from its ids, but this "
                              f"session saw {seen} of the {n} tokens in the cache: run the whole prompt inside the "
                              "session, as input_ids")
-        self._reconstruction = self.policy.reconstruct(self.model, self._cache, state.input_ids, padding, needed)
+        self._reconstruction = self._reconstruction_scores(state.input_ids, padding, needed)
+
+    def _reconstruction_scores(self, input_ids: torch.Tensor, padding: torch.Tensor | None,
+                               layers: list[int]) -> dict[int, torch.Tensor]:
+        """The policy's `reconstruct` scores of `layers`, from the session's store when a policy with the same
+        `reconstruction_key` (this session or another fork of its observer) scored this prompt already; only the
+        layers not yet scored are computed. A policy without a key computes them every time."""
+        key = self.policy.reconstruction_key
+        if key is None:
+            return self.policy.reconstruct(self.model, self._cache, input_ids, padding, layers)
+        prompt = (tuple(input_ids.shape), tuple(input_ids.flatten().tolist()),
+                  None if padding is None else tuple(padding.flatten().tolist()))
+        known = self._reconstructions.setdefault((key, prompt), {})
+        missing = [layer for layer in layers if layer not in known]
+        if missing:
+            known.update(self.policy.reconstruct(self.model, self._cache, input_ids, padding, missing))
+        return {layer: known[layer] for layer in layers}
 
     def before_attention_module(self, layer: int, hidden_states: torch.Tensor) -> None:
         self._hidden[layer] = hidden_states

@@ -20,6 +20,15 @@ decoding equals the masked full-cache decoding like every other policy's. Then e
 scores (`PrefillView.reconstruction`). The reconstruction costs about one more prefill with twice the attention
 (2.5x the plain pack's time for SmolLM2-135M on a 637-token context, on CPU), as kvpress warns.
 
+Shared scores. The scores depend only on the model, the prompt's cached tokens and the fields that
+`KVzip.reconstruction_key` lists (the repeat prompt's ids, chunk_size, overlap, sink_size), not on the budget, the
+window, share_heads or a wrapper (SpanKeeping, BoundaryProtection delegate `reconstruct`): a session keeps the scores
+it computed, by that key and by the prompt (its ids and padding, i.e. the tokens the cache holds), and a
+`CompressionSession.fork` shares its observer's store (see `snapkv.core.compress`). Forks of one observer (one
+prefill, each fork on its own `compat.copy_cache`, the same tokens) then run the reconstruction once per prompt state
+(once after the context, once after context + question) for every budget and wrapper of one KVzip setting; the scores
+are the same tensors as each fork's own run would give (the computation is deterministic), read only.
+
 It cannot apply where the whole prompt's cache and ids are not both at hand, and says so: a prompt given as
 `inputs_embeds`, a fork of an observer built without KVzip among its policies, a policy built without its
 tokenized repeat prompt. Recorded traces hold only the window's attention, so the explorer cannot recompute KVzip's
@@ -152,6 +161,13 @@ class KVzip(ScoredPolicy):
             raise ValueError("this KVzip has no repeat prompt to reconstruct the context with: build it with "
                              "KVzip.for_tokenizer(tokenizer, max_capacity_prompt=...) or "
                              "snapkv.method_policy('kvzip', budget, tokenizer=tokenizer)")
+
+    @property
+    def reconstruction_key(self) -> tuple:
+        """What decides `reconstruct`'s scores besides the model and the prompt's cache (hashable): sessions share
+        the scores of policies with the same key (other budgets, windows, share_heads, wrappers)."""
+        return (type(self), self.prompt_ids, self.continue_ids, self.suffix_ids, self.chunk_size, self.overlap,
+                self.sink_size)
 
     def reconstruct(self, model, cache, input_ids: torch.Tensor | None, padding_mask: torch.Tensor | None,
                     layers) -> dict[int, torch.Tensor]:

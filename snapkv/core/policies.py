@@ -192,6 +192,10 @@ class Policy:
         `PrefillView.reconstruction` (KVzip: `snapkv.core.kvzip`)."""
         raise NotImplementedError(f"{type(self).__name__} observes 'reconstruction' but defines no reconstruct()")
 
+    # the hashable setting that decides `reconstruct`'s scores: the forks of one observer that share it compute them
+    # once per prompt (`CompressionSession`); None: never shared
+    reconstruction_key = None
+
     def kept_positions(self, view: PrefillView, budget: int | Callable[[int], int]) -> torch.Tensor:
         """Kept input positions (batch, cache_heads, min(n, budget)), ascending; padded batches are
         selected row by row on real tokens, and slots a short row leaves empty are -1. `budget` may be a
@@ -516,6 +520,10 @@ class WrappingPolicy(Policy):
 
     def reconstruct(self, model, cache, input_ids, padding_mask, layers) -> dict[int, torch.Tensor]:
         return self.policy.reconstruct(model, cache, input_ids, padding_mask, layers)
+
+    @property
+    def reconstruction_key(self):
+        return self.policy.reconstruction_key
 
     def check_policy(self) -> None:
         if not isinstance(self.policy, Policy):

@@ -5,7 +5,7 @@ rows, chunked prefill, forks, packs on disk); and the clear refusals where it ca
 import pytest
 import torch
 from reference import masked_decode_logits
-from tiny_models import AsciiTokenizer, PlainAsciiTokenizer, greedy, prompt_ids, tiny_model
+from tiny_models import AsciiTokenizer, PlainAsciiTokenizer, greedy, prompt_ids, tiny_model, tiny_tokenizer
 
 import snapkv
 from snapkv.core import compat, kvzip
@@ -236,6 +236,47 @@ def test_a_fork_of_an_observer_that_saw_the_ids_equals_its_own_session(llama):
         compat.prefill(llama, ids, compat.new_cache(llama))
     with pytest.raises(ValueError, match="KVzip observes input_ids, reconstruction, which this session did not record"):
         snap_only.fork(kv)
+
+
+def test_forks_of_one_observer_share_one_reconstruction_per_prompt_state(llama, monkeypatch):
+    """Every budget and wrapper of one KVzip setting reuses the scores of one reconstruction per prompt state (after
+    the context; after context + question), and answers and keeps what its own session does."""
+    from snapkv.analysis.quality.methods import Method
+    from snapkv.analysis.quality.runner import answers_with_shared_prefill
+
+    context, tail = prompt_ids(1)[0], prompt_ids(1, 6, seed=7)[0]
+    methods = [Method("kvzip", 24, policy()), Method("kvzip", 32, policy(max_capacity_prompt=32)),
+               Method("kvzip+span", 24, snapkv.SpanKeeping(policy(), tokenizer=tiny_tokenizer())),
+               Method("kvzip-25", 24, policy(chunk_size=25))]  # another setting: its own reconstruction
+    assert len({m.policy.reconstruction_key for m in methods}) == 2
+    runs, original = [], kvzip.reconstruction_scores
+    monkeypatch.setattr(kvzip, "reconstruction_scores",
+                        lambda model, cache, ids, *rest: runs.append((ids.shape[1], rest[1].chunk_size))
+                        or original(model, cache, ids, *rest))
+    answers = answers_with_shared_prefill(llama, context, tail, methods, modes=("question-agnostic", "question-aware"),
+                                          max_new_tokens=4, prefill_chunk_size=None)
+    assert sorted(runs) == [(60, 25), (60, 2048), (66, 25), (66, 2048)]
+    prompt = torch.cat([context, tail])[None]
+    for method in methods:
+        with snapkv.compress(llama, method.policy) as session:
+            tokens, _ = greedy(llama, prompt, steps=4)
+        aware = answers[("question-aware", method.name, method.budget)]
+        assert aware.tokens == tokens[0, 66:].tolist(), method.name
+        assert aware.kept_positions.keys() == session.kept_positions.keys()
+        assert all(torch.equal(aware.kept_positions[i], kept) for i, kept in session.kept_positions.items())
+        cache = compat.new_cache(llama)
+        with torch.no_grad(), snapkv.compress(llama, method.policy) as session:
+            compat.prefill(llama, context[None], cache)
+            session.compress_before_next_forward()
+            logits = compat.forward(llama, tail[None], cache).logits[:, -1]
+            tokens = []
+            for _ in range(4):
+                tokens.append(int(logits.argmax()))
+                logits = compat.forward(llama, torch.tensor([tokens[-1:]]), cache).logits[:, -1]
+        agnostic = answers[("question-agnostic", method.name, method.budget)]
+        assert agnostic.tokens == tokens, method.name
+        assert all(torch.equal(agnostic.kept_positions[i], kept) for i, kept in session.kept_positions.items())
+    assert len(runs) == 4 + 2 * len(methods)  # the sessions of their own: one reconstruction each
 
 
 # -- packs ----------------------------------------------------------------------------------------------------

@@ -135,5 +135,6 @@ def accuracy_by_kernel_by_model_figure(accuracy: pd.DataFrame, caption: str):
     frame = frame.assign(panel=frame.experiment + ": " + frame.cells)
     panels = list(dict.fromkeys(frame.panel))
     return _kernel_panels(frame, "panel", panels, "model", None,
-                          f"Accuracy against the pooling kernel by model ({caption})", dict.fromkeys(panels, "accuracy"),
-                          None, set(panels), colors=list(dict.fromkeys(accuracy.model)))
+                          f"Accuracy against the pooling kernel by model ({caption})",
+                          dict.fromkeys(panels, "accuracy"), None, set(panels),
+                          colors=list(dict.fromkeys(accuracy.model)))

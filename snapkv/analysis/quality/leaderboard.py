@@ -27,6 +27,8 @@ BASE_METHODS = ("snapkv", "knorm", "expected-attention", "kvzip", "streaming", "
 WHOLE_UNITS = ("+span", "+boundary")  # the wrappers: a kept token pulls in its unit / the prompt's ends reserved
 LEADERBOARD_METHODS = (*BASE_METHODS, *(f"{base}{unit}" for base in ("snapkv", "knorm", "expected-attention", "kvzip")
                                         for unit in WHOLE_UNITS))
+# the default profile: each score once, the floor, and whole units on the two scores that keep values best
+DEFAULT_METHODS = ("snapkv", "knorm", "expected-attention", "kvzip", "streaming", "knorm+span", "kvzip+span")
 TINY = "tiny budget"  # the experiment label of the tiny-budget needle rows
 
 
@@ -47,8 +49,9 @@ class LeaderboardSettings:
     window_size: int = WINDOW_SIZE
     kernel_size: int = KERNEL_SIZE
     seed: int = 0
-    DEFAULT: ClassVar[dict] = dict(needle_lengths=(1000,), needle_samples=1, tasks=("single_key",),
-                                   task_lengths=(1000,), task_samples=4)
+    DEFAULT: ClassVar[dict] = dict(methods=DEFAULT_METHODS, fractions=FRACTIONS[1:], needle_lengths=(1000,),
+                                   needle_depths=(0.1, 0.5, 0.9), needle_samples=1, tasks=("single_key",),
+                                   task_lengths=(1000,), task_samples=3)
     QUICK: ClassVar[dict] = dict(methods=("snapkv", "knorm", "knorm+span"), fractions=(0.5, 0.875),
                                  needle_lengths=(512,), needle_depths=(0.5,), needle_samples=1, tasks=("single_key",),
                                  task_lengths=(512,), task_samples=1)
@@ -193,7 +196,8 @@ def leaderboard_figure(table: pd.DataFrame, caption: str):
                 if not unit:
                     ax.fill_between(x, group.ci_low, group.ci_high, color=color, alpha=0.1)
                 interactive.add_trace(go.Scatter(
-                    x=x, y=group.retention, customdata=group.removed, mode="lines+markers", name=method, legendgroup=method,
+                    x=x, y=group.retention, customdata=group.removed, mode="lines+markers", name=method,
+                    legendgroup=method,
                     showlegend=row == 0 and column == 0, line={"color": to_hex(color), "dash": dash},
                     error_y={"type": "data", "symmetric": False, "array": group.ci_high - group.retention,
                              "arrayminus": group.retention - group.ci_low},
@@ -201,7 +205,8 @@ def leaderboard_figure(table: pd.DataFrame, caption: str):
                                   "<extra></extra>"), row=row + 1, col=column + 1)
             n = int(part.prompts.max()) if len(part) else 0
             ax.set(title=f"{experiment}: {mode} (n = {n})", xlabel="fraction of the prompt removed",
-                   ylabel="accuracy relative to the full cache", ylim=(-0.02, 1.08), xticks=sorted(data.removed.unique()))
+                   ylabel="accuracy relative to the full cache", ylim=(-0.02, 1.08),
+                   xticks=sorted(data.removed.unique()))
             ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
             interactive.update_xaxes(title_text="fraction removed", row=row + 1, col=column + 1)
             interactive.update_yaxes(range=[-0.02, 1.08], title_text="relative accuracy" if column == 0 else None,

@@ -40,7 +40,8 @@ def test_relative_accuracy_counts_only_the_prompts_the_full_cache_answers():
 
 def test_the_reading_names_the_best_method_and_what_whole_units_change():
     needle = rows({("snapkv", 0.5): [1, 1, 0, 0], ("snapkv", 0.75): [0, 0, 0, 0], ("knorm", 0.5): [1, 1, 1, 0],
-                   ("knorm", 0.75): [1, 0, 0, 0], ("knorm+span", 0.5): [1, 1, 1, 1], ("knorm+span", 0.75): [1, 1, 1, 1]},
+                   ("knorm", 0.75): [1, 0, 0, 0], ("knorm+span", 0.5): [1, 1, 1, 1],
+                   ("knorm+span", 0.75): [1, 1, 1, 1]},
                   full=[1, 1, 1, 1])
     aware = rows({("snapkv", 0.5): [1, 1, 1, 1], ("snapkv", 0.75): [1, 1, 1, 1], ("knorm", 0.5): [0, 0, 0, 0],
                   ("knorm", 0.75): [0, 0, 0, 0]}, full=[1, 1, 1, 1], mode="question-aware")
