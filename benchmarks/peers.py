@@ -610,16 +610,20 @@ def plot(results: dict, path: Path) -> None:
 
 
 def plot_pair(axis, pair: str, entry: dict) -> None:
-    """One pair's panel: per budget, the share of answers identical to ours (per kvpress setting) and the share
-    holding the needle's value (ours, then each kvpress setting)."""
+    """One pair's panel: per budget, the share of answers identical to ours (hatched, per kvpress setting) and the
+    share holding the needle's value (ours, then each kvpress setting)."""
     import numpy as np
 
     ours, peers = entry["ours"], entry["peers"]
+    short = {name: name.removeprefix("kvpress.").removeprefix("snapkv.").replace("KVzipPress[", "KVzip[")
+             for name in (ours, *peers)}
     budgets = list(entry["budgets"])
-    bars = [(f"identical: {peer.removeprefix('kvpress.')}", lambda at, peer=peer: at["identical"][peer], "#7f7f7f",
-             "//") for peer in peers]
-    bars += [(f"value held: {name}", lambda at, name=name: at["value_held"][name], color, None)
-             for name, color in zip((ours, *peers), ("#55a868", "#c44e52", "#dd8452"))]
+    grays, colors = ("#4d4d4d", "#8c8c8c", "#bdbdbd"), ("#55a868", "#c44e52", "#dd8452", "#8172b3")
+    bars = [(f"identical: {short[peer]}", lambda at, peer=peer: at["identical"][peer], gray, "//")
+            for peer, gray in zip(peers, grays * 2)]
+    bars += [(f"value: {'ours' if name == ours else short[name]}",
+              lambda at, name=name: at["value_held"][name], color, None)
+             for name, color in zip((ours, *peers), colors * 2)]
     width = 0.8 / len(bars)
     x = np.arange(len(budgets))
     for index, (label, value, color, hatch) in enumerate(bars):
@@ -627,12 +631,14 @@ def plot_pair(axis, pair: str, entry: dict) -> None:
         axis.bar(x + (index - (len(bars) - 1) / 2) * width, shares, width, label=label, color=color, hatch=hatch,
                  edgecolor="white")
     axis.set_xticks(x, [f"budget {b}" for b in budgets])
-    axis.set_ylim(0, 1.05)
+    axis.set_ylim(0, 1.45 if len(bars) <= 4 else 1.8)
+    axis.set_yticks([0, 0.25, 0.5, 0.75, 1])
     axis.set_ylabel("share of needle prompts")
-    prompts = sorted({at["prompts"] for at in entry["budgets"].values()})
-    axis.set_title(f"{pair}: {ours} / {', '.join(peers)} ({'/'.join(map(str, prompts))} prompts per budget)",
-                   fontsize=8)
-    axis.legend(fontsize=7, loc="lower right")
+    prompts = "/".join(map(str, sorted({at["prompts"] for at in entry["budgets"].values()})))
+    axis.set_title(f"{pair}: ours beside kvpress ({prompts} prompts per budget)", fontsize=9)
+    size = 6.5 if len(bars) <= 4 else 5.8
+    axis.legend(fontsize=size, loc="upper center", ncol=2, title="identical to ours (hatched), value held",
+                title_fontsize=size)
 
 
 # -- command line ---------------------------------------------------------------------------------------

@@ -428,9 +428,9 @@ def accumulate(previous: torch.Tensor | None, queries, keys, scaling, padding_ma
 class KNorm(ScoredPolicy):
     """Key norm (Devoto et al., 2024, arXiv 2406.11430; kvpress's `KnormPress`): keep the keys of smallest L2 norm
     in each kv head, plus the last `window_size` positions. As kvpress: the score is -||k|| of the post-RoPE key in
-    the cache (RoPE rotates pairs of dimensions, so the norm is the pre-RoPE one too), ties go to `topk`. Unlike
-    kvpress: norms in float32 (kvpress: the model's dtype), and a budget of positions with a window instead of a
-    compression ratio (window_size=0 keeps kvpress's choice)."""
+    the cache (RoPE rotates pairs of dimensions, so the norm is the pre-RoPE one too), in float32 at least, ties go
+    to `topk`; unlike kvpress, a budget of positions with a window instead of a compression ratio (window_size=0
+    keeps kvpress's choice: the same positions in every layer and head, `benchmarks/peers.py`)."""
 
     def score(self, view: PrefillView) -> torch.Tensor:
         return -view.keys.float().norm(dim=-1)

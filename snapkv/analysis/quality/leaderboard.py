@@ -3,7 +3,8 @@ question exists (as a KV pack is), beside the question-aware one SnapKV was desi
 
 x = fraction of the prompt removed (budget = round((1 - fraction) x prompt length), window included), y = accuracy
 relative to the full cache on the prompts the full cache answers, one line per method; needle and task suite, both
-modes. A tiny-budget needle run asks whether any policy keeps a whole 7-digit value in `tiny_budget` prompt tokens.
+modes. A tiny-budget needle run asks whether any policy keeps a whole 7-digit value in `tiny_budget` prompt tokens
+(window of `tiny_window_size` included), question-agnostic.
 
     settings -> leaderboard_rows (evaluate per prompt length, rows tagged with `removed`) -> leaderboard_table
     (relative accuracy with 95% intervals) -> leaderboard_figure / leaderboard_reading
@@ -46,6 +47,7 @@ class LeaderboardSettings:
     task_lengths: tuple[int, ...] = (1000, 2000, 4000)
     task_samples: int = 4
     tiny_budget: int = 32  # prompt tokens kept in the tiny-budget needle run (window included)
+    tiny_window_size: int = 4  # its window: the last context tokens, of no use before the question
     window_size: int = WINDOW_SIZE
     kernel_size: int = KERNEL_SIZE
     seed: int = 0
@@ -59,7 +61,9 @@ class LeaderboardSettings:
     def __post_init__(self):
         if "full" in self.methods:
             raise ValueError("methods lists 'full': the full cache is always run (it is the reference)")
-        check_methods(self.methods, [self.tiny_budget] if self.tiny_budget else [], [], window_size=self.window_size)
+        check_methods(self.methods, [self.window_size + 1], [], window_size=self.window_size)  # the names
+        if self.tiny_budget:
+            check_methods(self.methods, [self.tiny_budget], [], window_size=self.tiny_window_size)
         if not self.fractions or any(not 0 < f < 1 for f in self.fractions):
             raise ValueError(f"fractions must lie in (0, 1) (the share of the prompt removed), got {self.fractions}")
         unknown = set(self.modes) - set(MODES)
@@ -109,7 +113,7 @@ def leaderboard_rows(model, tokenizer, needles: Sequence[QualityPrompt], suite: 
     if settings.tiny_budget and needles:
         grid = [Method("full", None, method_policy("full", None))] + [
             Method(name, settings.tiny_budget, method_policy(name, settings.tiny_budget,
-                                                             window_size=settings.window_size,
+                                                             window_size=settings.tiny_window_size,
                                                              kernel_size=settings.kernel_size, tokenizer=tokenizer))
             for name in settings.methods]
         table = evaluate(model, tokenizer, needles, grid, modes=("question-agnostic",), progress=progress)
@@ -269,7 +273,7 @@ def leaderboard_reading(table: pd.DataFrame, enough: float = 0.9) -> str:
     if len(tiny):
         part = tiny.sort_values("retention", ascending=False)
         budget = int(part.budget.dropna().iloc[0])
-        lines.append(f"- **Tiny budget** ({budget} prompt tokens kept, window included, question-agnostic, n = "
+        lines.append(f"- **Tiny budget** ({budget} prompt tokens kept, its window included, question-agnostic, n = "
                      f"{int(part.prompts.max())} needles the full cache answers): "
                      + ", ".join(f"{r.method} {r.retention:.2f}" for r in part.itertuples()) + ".")
     return "\n".join(lines) if lines else "No prompt was answered by the full cache: nothing to rank."

@@ -74,7 +74,7 @@ class ModelPass:
 
 
 ACROSS_MODELS = ("01_hit_rate_along_generation", "06_needle", "07_task_suite", "10_cluster_width")
-LEADERBOARD = "14_query_agnostic"  # on SmolLM2 and gemma in every profile; on the Qwen models in the full one
+LEADERBOARD = "14_query_agnostic"  # on SmolLM2 in every profile; on the other models in the full one
 # notebook 10 on a second model in the default profile: the kernel that keeps whole values (5 against 31) at one budget
 SECOND_MODEL_CLUSTER_WIDTH = dict(kernel_sizes=(5, 31), budgets=(128,), other_window_sizes=(), needle_lengths=(1000,),
                                   needle_depths=(0.1, 0.5, 0.9), needle_samples=1, tasks=("single_key",),
@@ -94,9 +94,10 @@ QWEN_DEFAULT = {
 # the one list of second models and the notebooks each runs: every cross-model figure on every embedded model
 MODEL_PASSES = (
     ModelPass("gemma-3-270m", ("01_hit_rate_along_generation", "03_questions_same_document", *ACROSS_MODELS[1:],
-                               LEADERBOARD), parameters={"default": {"10_cluster_width": SECOND_MODEL_CLUSTER_WIDTH}}),
+                               LEADERBOARD), parameters={"default": {"10_cluster_width": SECOND_MODEL_CLUSTER_WIDTH}},
+              full_only=(LEADERBOARD,)),
     ModelPass("qwen2.5-coder-0.5b-instruct", (*ACROSS_MODELS, LEADERBOARD), profiles=("default", "full"),
-              parameters={"default": QWEN_DEFAULT}, full_only=(LEADERBOARD,)),
+              parameters={"default": QWEN_DEFAULT}, full_only=("07_task_suite", LEADERBOARD)),
     ModelPass("qwen2.5-coder-1.5b-instruct", (*ACROSS_MODELS, LEADERBOARD), profiles=("full",),
               parameters={"default": QWEN_DEFAULT}, full_only=(LEADERBOARD,)),
 )

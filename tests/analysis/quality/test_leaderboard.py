@@ -55,7 +55,7 @@ def test_the_reading_names_the_best_method_and_what_whole_units_change():
     assert "whole units against the plain score: knorm+span +0.50" in text
     assert "**needle, question-aware** (n = 4): best snapkv (1.00" in text and "does not change the best" in text
     assert "at 75% removed, >= 90% of the full cache: snapkv 1.00" in text
-    assert "**Tiny budget** (32 prompt tokens kept, window included, question-agnostic, n = 4" in text
+    assert "**Tiny budget** (32 prompt tokens kept, its window included, question-agnostic, n = 4" in text
     assert "knorm+span 0.75" in text
     tied = lb.leaderboard_reading(lb.leaderboard_table(rows({("snapkv", 0.5): [1, 0], ("knorm", 0.5): [0, 1]},
                                                             full=[1, 1])))
@@ -73,6 +73,7 @@ def test_the_reading_names_the_best_method_and_what_whole_units_change():
     (dict(fractions=(0.5, 1.0)), "fractions must lie in"),
     (dict(modes=("sideways",)), "modes must be some of"),
     (dict(needle_lengths=(100,), fractions=(0.9,)), "leaves 10 tokens"),
+    (dict(tiny_budget=4, tiny_window_size=4), "budget 4 must exceed the observation window"),
 ])
 def test_bad_settings_are_refused_before_any_work(change, message):
     with pytest.raises(ValueError, match=message):

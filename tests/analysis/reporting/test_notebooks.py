@@ -14,7 +14,7 @@ OBSERVATION = ("01_hit_rate_along_generation", "01_observation_metrics", "01_sen
 FIGURES = ("00_quickstart", *OBSERVATION, "06_needle", "06_needle_pooling", "06_needle_tokens", "07_task_calibration",
            "07_task_suite", "08_speed_memory", "09_explorer", "10_cluster_width", "10_cluster_width_tokens",
            "10_cluster_width_hit_rate", "11_kv_packs_speed", "11_kv_packs_quality", "13_your_policy")  # every figure
-SECOND_MODEL = "gemma-3-270m"  # its pass: 01, 03, 06, 07, 10, 14 into models/gemma-3-270m/ (reproduce.MODEL_PASSES)
+SECOND_MODEL = "gemma-3-270m"  # its pass: 01, 03, 06, 07, 10 into models/gemma-3-270m/ (reproduce.MODEL_PASSES)
 SECOND_MODEL_FIGURES = ("01_hit_rate_along_generation", "01_observation_metrics", "01_sensitivity",
                         "03_questions_same_document", "06_needle")  # 07's suite needs groups the full cache solves
 ACROSS_MODELS = ("12_hit_rate_by_depth", "12_needle_by_model", "12_suite_by_model", "12_kernel_by_model")
