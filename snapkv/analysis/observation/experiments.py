@@ -52,7 +52,7 @@ class HitRateSettings:
     max_context_tokens: int | None = None
     n_sensitivity: int = 5  # samples of the sensitivity sweep
     greedy_batch_size: int = 4  # greedy answers decoded together, left-padded (1: one by one, bit-exact)
-    DEFAULT: ClassVar[dict] = dict(n_samples=6, generation_window=64, max_context_tokens=DEFAULT_CONTEXT_TOKENS,
+    DEFAULT: ClassVar[dict] = dict(n_samples=5, generation_window=64, max_context_tokens=DEFAULT_CONTEXT_TOKENS,
                                    n_sensitivity=2, greedy_batch_size=3)
     QUICK: ClassVar[dict] = dict(n_samples=2, window_size=16, generation_window=16,
                                  max_context_tokens=QUICK_CONTEXT_TOKENS, n_sensitivity=1)

@@ -56,7 +56,7 @@ class PackSettings:
     window_size: int = WINDOW_SIZE
     kernel_size: int = KERNEL_SIZE
     seed: int = 0
-    DEFAULT: ClassVar[dict] = dict(lengths=(1000, 2000, 4000), repeats=2, quality_lengths=(1000,),
+    DEFAULT: ClassVar[dict] = dict(lengths=(1000, 4000), repeats=2, quality_lengths=(1000,),
                                    depths=(0.0, 0.5, 1.0), samples=2, budgets=(128, 512))
     QUICK: ClassVar[dict] = dict(lengths=(512,), budget=128, repeats=1, quality_lengths=(512,), depths=(0.5,),
                                  tasks=("single_key",), samples=1, methods=("full", "snapkv"), budgets=(128,))
