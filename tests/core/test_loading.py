@@ -36,6 +36,29 @@ def test_missing_wheel_names_the_install_command(monkeypatch):
     assert INSTALL_COMMAND in str(caught.value)
 
 
+CHUNKED = [(spec.name, missing) for spec in loading.EMBEDDED_MODELS.values() if len(spec.files) > 1
+           for missing in (spec.distributions[0], spec.distributions[-1])]
+
+
+@pytest.mark.parametrize(("name", "missing"), CHUNKED)
+def test_a_missing_chunk_wheel_names_the_models_install_command_and_writes_nothing(monkeypatch, tmp_path, name,
+                                                                                   missing):
+    real = metadata.distribution
+
+    def without(distribution):
+        if distribution == missing:
+            raise metadata.PackageNotFoundError(distribution)
+        return real(distribution)
+
+    monkeypatch.setenv("SNAPKV_CACHE", str(tmp_path))
+    monkeypatch.setattr(loading.metadata, "distribution", without)
+    with pytest.raises(loading.MissingModelError) as caught:
+        snapkv.load_model(name)
+    assert loading.EMBEDDED_MODELS[name].install_command in str(caught.value)
+    assert f"'{missing}' is not installed" in str(caught.value)
+    assert not (tmp_path / "models").exists()  # nothing joined or converted
+
+
 @pytest.mark.parametrize("name", [123, b"HuggingFaceTB/SmolLM2-135M", ["x"]])
 def test_a_name_that_is_not_a_string_is_a_type_error(name):
     with pytest.raises(TypeError, match="name_or_path"):

