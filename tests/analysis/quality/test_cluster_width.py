@@ -266,7 +266,7 @@ def test_kernel_by_model_compares_the_shared_budget_at_each_models_main_window_i
     text = cw.kernel_by_model_reading(accuracy)
     assert "- small: needle kernel 5 0.25, kernel 31 1.00 (full cache 1.00, n = 4); enough from kernel 31" in text
     assert "- large: needle kernel 5 1.00, kernel 31 1.00 (full cache 1.00, n = 3); enough from kernel 5" in text
-    assert "**Needle: changes with size:** the smallest kernel that is enough is small 31, large 5." in text
+    assert "**Needle: differs between models:** the smallest kernel that is enough is small 31, large 5." in text
     same = cw.kernel_by_model_reading(cw.accuracy_by_kernel_by_model(models_table({
         "a": ({(16, 5, 128): [0, 0], (16, 31, 128): [1, 1]}, [1, 1]),
         "b": ({(16, 5, 128): [1, 0], (16, 31, 128): [1, 1]}, [1, 1])})))
