@@ -196,12 +196,12 @@ def hit_rate_by_depth_figure(summary: pd.DataFrame, caption: str):
                           line_dash_map={"SnapKV": "solid", **{r: PLOTLY_REFERENCE_LINES[r]["dash"]
                                                                 for r in sets if r in PLOTLY_REFERENCE_LINES}},
                           labels={"mean": "hit rate", "depth": "relative layer depth"},
-                          title=_wrapped(f"Hit rate by relative layer depth ({caption})", 110, "<br>"))
+                          title=(title := _wrapped(f"Hit rate by relative layer depth ({caption})", 110, "<br>")))
     for trace in interactive.data:
         if not trace.name.endswith("SnapKV"):
             trace.update(error_y={"visible": False}, line={"width": 1.3})
     interactive.for_each_annotation(lambda a: a.update(text=a.text.split("=", 1)[-1]))
     interactive.update_yaxes(range=[0, 1.02])
     interactive.update_xaxes(range=[-0.02, 1.02])
-    interactive.update_layout(margin={"t": 110})
+    interactive.update_layout(margin={"t": 80 + 30 * title.count("<br>")})  # a long caption (many models) wraps
     return fig, interactive
