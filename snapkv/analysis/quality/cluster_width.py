@@ -541,7 +541,8 @@ def kernel_by_model_reading(accuracy: pd.DataFrame, enough: float = ENOUGH) -> s
                 else "no kernel run is enough on any model."))
         else:
             lines.append(f"**{experiment.capitalize()}: differs between models:** the smallest kernel that is "
-                         "enough is " + ", ".join(f"{m} {k if k is not None else 'none'}" for m, k in by_model.items()) + ".")
+                         "enough is " + ", ".join(f"{m} {k if k is not None else 'none'}"
+                                                  for m, k in by_model.items()) + ".")
     if len(models) < 2:
         lines.append(f"Only {', '.join(models)} has notebook 10's rows: nothing to compare across models.")
     return "\n".join(lines)
