@@ -6,7 +6,7 @@ missing-wheel error: tests/core/test_loading.py). Nothing here loads the 1.5B.""
 import pytest
 import torch
 from reference import masked_decode_logits
-from test_record import eager_rows
+from test_record import assert_matches_eager, eager_generate
 
 import snapkv
 from snapkv.analysis import text
@@ -81,22 +81,11 @@ def test_qwen_compressed_decoding_equals_masked_full_cache(qwen, prompt):
 def test_qwen_recorded_rows_equal_eager_probabilities_on_every_layer(qwen, prompt):
     model, tokenizer = qwen
     steps, window = 3, 16
-    model.set_attn_implementation("eager")
-    try:
-        out = model.generate(prompt, max_new_tokens=steps, do_sample=False, output_attentions=True,
-                             return_dict_in_generate=True)
-    finally:
-        model.set_attn_implementation("sdpa")
+    out = eager_generate(model, prompt, steps)
     with snapkv.record(model, window_size=window, tokenizer=tokenizer) as rec:
         recorded = model.generate(prompt, max_new_tokens=steps, do_sample=False)
     assert torch.equal(recorded, out.sequences)  # recording changes nothing
-    trace = rec.trace
-    assert list(trace.layers) == list(range(24))
-    for layer in trace.layers:
-        expected = out.attentions[0][layer][:, :, PROMPT - window : PROMPT, :PROMPT]
-        assert torch.allclose(trace.observation_attention(layer), expected, atol=1e-5, rtol=0), layer
-        rows, mass = eager_rows(out.attentions, layer, PROMPT)
-        # float32 round-off: Qwen's logits are large (biased q/k projections), so a probability of 0.2 may differ
-        # from eager's by 1e-5 (2 ulp of its logit); the relative tolerance covers that, nothing more
-        assert torch.allclose(trace.generation_attention(layer), rows, atol=1e-5, rtol=1e-4), layer
-        assert torch.allclose(trace.generated_mass(layer), mass, atol=1e-5, rtol=1e-4), layer
+    assert list(rec.trace.layers) == list(range(24))
+    # float32 round-off: Qwen's logits are large (biased q/k projections), so a probability of 0.2 may differ from
+    # eager's by 1e-5 (2 ulp of its logit); the relative tolerance covers that, nothing more
+    assert_matches_eager(rec.trace, out, PROMPT, window, rtol=1e-4)

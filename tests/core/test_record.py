@@ -50,10 +50,10 @@ def greedy(model, ids, steps=NEW, **kwargs):
     return model.generate(ids, max_new_tokens=steps, do_sample=False, **kwargs)
 
 
-def eager_generate(model, ids, **kwargs):
+def eager_generate(model, ids, steps=NEW, **kwargs):
     model.set_attn_implementation("eager")
     try:
-        return model.generate(ids, max_new_tokens=NEW, do_sample=False, output_attentions=True,
+        return model.generate(ids, max_new_tokens=steps, do_sample=False, output_attentions=True,
                               return_dict_in_generate=True, **kwargs)
     finally:
         model.set_attn_implementation("sdpa")
@@ -74,14 +74,15 @@ def eager_rows(attentions, layer, prompt_length):
     return torch.stack(rows, 2), torch.stack(masses, 2)
 
 
-def assert_matches_eager(trace, out, prompt_length, window=WINDOW):
+def assert_matches_eager(trace, out, prompt_length, window=WINDOW, rtol=0.0):
+    """The trace's window and decoding rows equal eager attention's, to ATOL (and `rtol` for the decoding rows)."""
     for layer in trace.layers:
         prefill = out.attentions[0][layer]
         expected = prefill[:, :, prompt_length - window : prompt_length, :prompt_length]
-        assert torch.allclose(trace.observation_attention(layer), expected, atol=ATOL, rtol=0)
+        assert torch.allclose(trace.observation_attention(layer), expected, atol=ATOL, rtol=0), layer
         rows, mass = eager_rows(out.attentions, layer, prompt_length)
-        assert torch.allclose(trace.generation_attention(layer), rows, atol=ATOL, rtol=0)
-        assert torch.allclose(trace.generated_mass(layer), mass, atol=ATOL, rtol=0)
+        assert torch.allclose(trace.generation_attention(layer), rows, atol=ATOL, rtol=rtol), layer
+        assert torch.allclose(trace.generated_mass(layer), mass, atol=ATOL, rtol=rtol), layer
 
 
 # -- exactness against eager attention ---------------------------------------------------------------

@@ -346,7 +346,7 @@ def accuracy_by_model_figure(summary: pd.DataFrame, caption: str, ylabel: str = 
                           color_discrete_map={m: _hex(c) for m, c in colors.items()},
                           labels={"mean": ylabel, "x": "budget (prompt tokens kept)", "budget": "budget",
                                   "method_label": "method"},
-                          title="<br>".join(textwrap.wrap(title, 110)))
+                          title=(wrapped := "<br>".join(textwrap.wrap(title, 110))))
     for trace in interactive.data:
         if trace.name == "full cache":
             trace.update(line={"dash": "dash", "width": 1.2}, marker={"size": 4}, error_y={"visible": False})
@@ -354,5 +354,5 @@ def accuracy_by_model_figure(summary: pd.DataFrame, caption: str, ylabel: str = 
     budgets = sorted(data.budget.dropna().unique())
     interactive.update_xaxes(**_budget_ticks(budgets))
     interactive.update_yaxes(range=[-0.02, 1.02])
-    interactive.update_layout(margin={"t": 110})
+    interactive.update_layout(margin={"t": 80 + 30 * wrapped.count("<br>")})  # a long caption (many models) wraps
     return fig, interactive
